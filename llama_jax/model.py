@@ -1,0 +1,266 @@
+"""LLaMA 2 / 3 in Flax Linen, numerically following Meta's reference model.py.
+
+Parameter names mirror Meta's state dict (tok_embeddings, layers.attention.wq, feed_forward.w1, ...), with
+the layers stacked on a leading axis so they run under `nn.scan`. Every parameter carries logical axis names
+(embed, q_heads, kv_heads, head_dim, mlp, vocab, layers); sharding rules map them onto a mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.config import LlamaConfig
+
+Params = Any
+# Finite rather than -inf: a query whose keys are all masked (a padding row) then gets a uniform, ignorable
+# distribution instead of NaNs that would poison gradients or sampling.
+_MASKED = -1e30
+
+
+class KVCache(NamedTuple):
+    """Preallocated attention cache shared by all layers.
+
+    k, v: [layers, batch, max_len, kv_heads, head_dim]; positions: [batch, max_len], -1 marks an empty or
+    padding slot; index: the slot the next token is written to (the same for every row: ragged prompts are
+    left-padded so rows stay aligned).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+    index: jax.Array
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    shape = (config.n_layers, batch, max_len, config.kv_heads, config.head_dim)
+    dtype = dtype or config.compute_dtype
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                   positions=jnp.full((batch, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
+
+
+# --- building blocks -----------------------------------------------------------------------------------------
+
+def _param(module: nn.Module, name: str, shape: tuple, axes: tuple, init, config: LlamaConfig):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, config.weight_dtype)
+
+
+class RMSNorm(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        weight = _param(self, "weight", (x.shape[-1],), ("norm",), nn.initializers.ones, self.config)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.norm_eps)
+        # Meta: `self._norm(x.float()).type_as(x) * self.weight`.
+        return normed.astype(x.dtype) * weight.astype(x.dtype)
+
+
+def rope_frequencies(config: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies of Meta's `precompute_freqs_cis`, with Llama 3.1 scaling where configured."""
+    dim = config.head_dim
+    freqs = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2)[: dim // 2].astype(np.float32) / dim))
+    scaling = config.rope_scaling if config.use_scaled_rope else None
+    if scaling is None:
+        return freqs.astype(np.float32)
+    low_wavelen = scaling.original_max_seq_len / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_seq_len / scaling.high_freq_factor
+    freqs = freqs.astype(np.float64)
+    wavelen = 2 * math.pi / freqs
+    smooth = ((scaling.original_max_seq_len / wavelen - scaling.low_freq_factor)
+              / (scaling.high_freq_factor - scaling.low_freq_factor))
+    blended = (1 - smooth) * freqs / scaling.factor + smooth * freqs
+    scaled = np.where(wavelen < high_wavelen, freqs, np.where(wavelen > low_wavelen, freqs / scaling.factor, blended))
+    return scaled.astype(np.float32)
+
+
+def apply_rope(x, positions, freqs):
+    """Rotates interleaved pairs (x[2i], x[2i+1]) by position * freq, as Meta's complex multiply does.
+
+    x: [batch, seq, heads, head_dim]; positions: [batch, seq].
+    """
+    angles = positions.astype(jnp.float32)[:, :, None] * jnp.asarray(freqs)[None, None, :]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    pairs = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = jnp.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
+    return rotated.reshape(x.shape).astype(x.dtype)
+
+
+def attention(q, k, v, mask, impl: str = "einsum"):
+    """Grouped-query attention without materialising repeated K/V.
+
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim]; mask: [batch, q_len, kv_len].
+    """
+    b, t, h, d = q.shape
+    kv_heads = k.shape[2]
+    if impl == "dot_product_attention":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
+    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+    scores = jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, positions, layer, cache: KVCache | None):
+        cfg = self.config
+        init = nn.initializers.normal(0.02)
+        dt = cfg.compute_dtype
+        wq = _param(self, "wq", (cfg.dim, cfg.n_heads, cfg.head_dim), ("embed", "q_heads", "head_dim"), init, cfg)
+        wk = _param(self, "wk", (cfg.dim, cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), init, cfg)
+        wv = _param(self, "wv", (cfg.dim, cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), init, cfg)
+        wo = _param(self, "wo", (cfg.n_heads, cfg.head_dim, cfg.dim), ("q_heads", "head_dim", "embed"), init, cfg)
+
+        q = jnp.einsum("btd,dhk->bthk", x, wq.astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x, wk.astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
+        freqs = rope_frequencies(cfg)
+        q, k = apply_rope(q, positions, freqs), apply_rope(k, positions, freqs)
+        q = nn.with_logical_constraint(q, ("batch", "length", "q_heads", "head_dim"))
+
+        t = x.shape[1]
+        if cache is None:
+            key_positions = positions
+            query_slots = jnp.arange(t)
+        else:
+            start = (0, cache.index, 0, 0)
+            cache = cache._replace(
+                k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype)[None], (layer, *start)),
+                v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype)[None], (layer, *start)))
+            k, v = cache.k[layer].astype(dt), cache.v[layer].astype(dt)
+            key_positions = cache.positions  # already holds this call's positions (see Llama.__call__)
+            query_slots = cache.index + jnp.arange(t)
+        key_slots = jnp.arange(key_positions.shape[1])
+        # Causal in slot order, and never attend to empty or padding slots (position -1).
+        mask = (key_slots[None, None, :] <= query_slots[None, :, None]) & (key_positions[:, None, :] >= 0)
+        out = attention(q, k, v, mask, cfg.attention_impl)
+        return jnp.einsum("bthk,hkd->btd", out, wo.astype(dt)), cache
+
+
+class FeedForward(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        init = nn.initializers.normal(0.02)
+        dt = cfg.compute_dtype
+        w1 = _param(self, "w1", (cfg.dim, cfg.hidden_dim), ("embed", "mlp"), init, cfg)
+        w3 = _param(self, "w3", (cfg.dim, cfg.hidden_dim), ("embed", "mlp"), init, cfg)
+        w2 = _param(self, "w2", (cfg.hidden_dim, cfg.dim), ("mlp", "embed"), init, cfg)
+        gate = jax.nn.silu(x @ w1.astype(dt)) * (x @ w3.astype(dt))
+        gate = nn.with_logical_constraint(gate, ("batch", "length", "mlp"))
+        return gate @ w2.astype(dt)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer layer. Signature fits `nn.scan`: (carry, layer_index) -> (carry, None)."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, carry, layer, positions):
+        x, cache = carry
+        h, cache = Attention(self.config, name="attention")(
+            RMSNorm(self.config, name="attention_norm")(x), positions, layer, cache)
+        x = x + h
+        x = x + FeedForward(self.config, name="feed_forward")(RMSNorm(self.config, name="ffn_norm")(x))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return (x, cache), None
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+class Llama(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, tokens, positions, cache: KVCache | None = None):
+        cfg = self.config
+        embedding = _param(self, "tok_embeddings", (cfg.vocab_size, cfg.dim), ("vocab", "embed"),
+                           nn.initializers.normal(0.02), cfg)
+        x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        if cache is not None:
+            cache = cache._replace(positions=jax.lax.dynamic_update_slice(
+                cache.positions, positions.astype(jnp.int32), (0, cache.index)))
+
+        block = Block
+        if cfg.remat_policy != "none":
+            block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+        carry = (x, cache)
+        if cfg.scan_layers:
+            layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                             in_axes=(0, nn.broadcast), length=cfg.n_layers,
+                             metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+            carry, _ = layers(carry, jnp.arange(cfg.n_layers), positions)
+        else:
+            for i in range(cfg.n_layers):
+                carry, _ = block(cfg, name=f"layers_{i}")(carry, i, positions)
+        x, cache = carry
+
+        x = RMSNorm(cfg, name="norm")(x)
+        if cfg.tie_embeddings:
+            head = embedding.T
+        else:
+            head = _param(self, "output", (cfg.dim, cfg.vocab_size), ("embed", "vocab"),
+                          nn.initializers.normal(0.02), cfg)
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+        if cache is not None:
+            cache = cache._replace(index=cache.index + tokens.shape[1])
+        return logits, cache
+
+
+# --- functional API ------------------------------------------------------------------------------------------
+
+def init_params(config: LlamaConfig, rng: jax.Array) -> Params:
+    """Random parameters with layers stacked on axis 0 (the layout checkpoints use, whatever `scan_layers`)."""
+    scanned = config.replace(scan_layers=True)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    variables = jax.jit(lambda r: Llama(scanned).init(r, tokens, tokens))(rng)
+    return nn.unbox(variables["params"])
+
+
+def param_logical_axes(config: LlamaConfig) -> Params:
+    """Logical axis names of every parameter, as a pytree of PartitionSpecs shaped like `init_params`."""
+    scanned = config.replace(scan_layers=True)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    abstract = jax.eval_shape(lambda r: Llama(scanned).init(r, tokens, tokens), jax.random.key(0))
+    return nn.get_partition_spec(abstract["params"])
+
+
+def unstack_layers(params: Params, n_layers: int) -> Params:
+    """Stacked `layers` -> `layers_0 … layers_{n-1}`, the layout of the unrolled (scan_layers=False) model."""
+    params = dict(params)
+    stacked = params.pop("layers")
+    for i in range(n_layers):
+        params[f"layers_{i}"] = jax.tree.map(lambda p, i=i: p[i], stacked)
+    return params
+
+
+def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None, *,
+            config: LlamaConfig):
+    """Logits [batch, seq, vocab] in fp32 and the updated cache (None when no cache was given).
+
+    tokens, positions: int [batch, seq]; a position of -1 marks a padding token that nothing attends to.
+    """
+    if not config.scan_layers and "layers" in params:
+        params = unstack_layers(params, config.n_layers)
+    return Llama(config).apply({"params": params}, tokens, positions, cache)
