@@ -1,0 +1,167 @@
+"""Our forward pass against Hugging Face's LlamaForCausalLM (PyTorch, CPU, fp32) with the same random weights."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from hf_reference import hf_logits, hf_model_from_meta, random_meta_state
+from llama_jax.config import LlamaConfig, RopeScaling
+from llama_jax.meta_weights import params_from_meta
+from llama_jax.model import forward, init_cache, init_params, rope_frequencies
+
+SMALL = dict(dim=64, n_layers=2, n_heads=4, vocab_size=128, multiple_of=32, max_seq_len=64)
+
+CASES = {
+    "llama2-mha": LlamaConfig(**SMALL),
+    "gqa": LlamaConfig(**{**SMALL, "n_kv_heads": 2}),
+    "llama3-theta500k": LlamaConfig(**{**SMALL, "n_kv_heads": 2, "rope_theta": 500000.0, "multiple_of": 64}),
+    "llama3.1-scaled-rope": LlamaConfig(**{**SMALL, "n_kv_heads": 1, "rope_theta": 500000.0, "use_scaled_rope": True,
+                                           "rope_scaling": RopeScaling(factor=8.0), "max_seq_len": 131072}),
+    "llama3.2-tied": LlamaConfig(**{**SMALL, "n_kv_heads": 2, "rope_theta": 500000.0, "use_scaled_rope": True,
+                                    "rope_scaling": RopeScaling(factor=32.0), "tie_embeddings": True,
+                                    "max_seq_len": 131072}),
+    "ffn-multiplier": LlamaConfig(**{**SMALL, "n_heads": 8, "n_kv_heads": 4, "ffn_dim_multiplier": 1.3,
+                                     "multiple_of": 48, "norm_eps": 1e-6}),
+}
+SEQ = 12
+# Long-context positions make Llama 3.1's low-frequency scaling visible; short ones cover the usual case.
+START_POSITION = {"llama3.1-scaled-rope": 30000, "llama3.2-tied": 3000}
+
+
+def _setup(name: str, seed: int = 0):
+    config = CASES[name]
+    state = random_meta_state(config, seed)
+    params = jax.tree.map(jnp.asarray, params_from_meta({k: v.numpy() for k, v in state.items()}, config))
+    tokens = np.random.default_rng(seed).integers(0, config.vocab_size, (2, SEQ))
+    positions = np.broadcast_to(np.arange(SEQ) + START_POSITION.get(name, 0), tokens.shape)
+    return config, state, params, tokens, positions
+
+
+def _hf(state, config, tokens, positions) -> np.ndarray:
+    model = hf_model_from_meta(state, config)
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(tokens), position_ids=torch.as_tensor(positions.copy()))
+    return out.logits.float().numpy()
+
+
+def assert_logits_close(ours, reference, rel=1e-4):
+    scale = np.abs(reference).max()
+    err = np.abs(np.asarray(ours) - reference).max()
+    assert err <= rel * scale, f"max abs diff {err:.3g} exceeds {rel} x logit scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_full_sequence_matches_hf(name):
+    config, state, params, tokens, positions = _setup(name)
+    logits, cache = forward(params, jnp.asarray(tokens), jnp.asarray(positions), config=config)
+    assert cache is None
+    assert logits.dtype == jnp.float32 and logits.shape == (2, SEQ, config.vocab_size)
+    assert_logits_close(logits, _hf(state, config, tokens, positions))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_token_by_token_with_cache_matches_hf(name):
+    config, state, params, tokens, positions = _setup(name, seed=1)
+    step = jax.jit(lambda p, t, pos, c: forward(p, t, pos, c, config=config))
+    cache = init_cache(config, batch=2, max_len=SEQ + 4)
+    # A 3-token prefill, then one token at a time: both cache paths are exercised.
+    logits, cache = step(params, tokens[:, :3], positions[:, :3], cache)
+    pieces = [logits]
+    for t in range(3, SEQ):
+        logits, cache = step(params, tokens[:, t:t + 1], positions[:, t:t + 1], cache)
+        pieces.append(logits)
+    assert int(cache.index) == SEQ
+    assert_logits_close(jnp.concatenate(pieces, axis=1), _hf(state, config, tokens, positions))
+
+
+def test_left_padded_row_matches_unpadded_hf():
+    config, state, params, tokens, positions = _setup("gqa", seed=2)
+    pad = 5
+    padded = np.concatenate([np.zeros((2, pad), np.int64), tokens], axis=1)
+    padded_positions = np.concatenate([np.full((2, pad), -1), positions], axis=1)
+    logits, _ = forward(params, jnp.asarray(padded), jnp.asarray(padded_positions), config=config)
+    assert_logits_close(logits[:, pad:], _hf(state, config, tokens, positions))
+
+
+def test_scaled_rope_case_is_sensitive_to_scaling():
+    # Guards the scaled-rope comparison above against passing trivially: without scaling the logits must differ
+    # by far more than the tolerance that comparison allows.
+    config, state, params, tokens, positions = _setup("llama3.1-scaled-rope")
+    unscaled = config.replace(use_scaled_rope=False)
+    ours = forward(params, jnp.asarray(tokens), jnp.asarray(positions), config=unscaled)[0]
+    reference = _hf(state, config, tokens, positions)
+    assert np.abs(np.asarray(ours) - reference).max() > 10 * 1e-4 * np.abs(reference).max()
+
+
+def test_rope_frequencies_match_hf_llama3_scaling():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from hf_reference import hf_config
+
+    for factor in (8.0, 32.0):
+        config = LlamaConfig(dim=1024, n_heads=8, rope_theta=500000.0, use_scaled_rope=True,
+                             rope_scaling=RopeScaling(factor=factor))
+        hf_freqs, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config(config), "cpu")
+        np.testing.assert_allclose(rope_frequencies(config), hf_freqs.numpy(), rtol=1e-6)
+
+
+def test_scanned_and_unrolled_layers_agree():
+    config = CASES["gqa"].replace(n_layers=3)
+    params = init_params(config, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, SEQ), 0, config.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(SEQ), tokens.shape)
+    scanned = forward(params, tokens, positions, config=config)[0]
+    unrolled = forward(params, tokens, positions, config=config.replace(scan_layers=False))[0]
+    np.testing.assert_allclose(np.asarray(scanned), np.asarray(unrolled), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_policies_keep_loss_and_gradients(policy):
+    config = CASES["gqa"]
+    params = init_params(config, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, SEQ), 0, config.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(SEQ), tokens.shape)
+
+    def loss(p, cfg):
+        logits = forward(p, tokens, positions, config=cfg)[0]
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], -1))
+
+    reference = jax.value_and_grad(loss)(params, config)
+    remat = jax.value_and_grad(loss)(params, config.replace(remat_policy=policy))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), reference, remat)
+
+
+def test_dot_product_attention_path_matches_einsum():
+    config, state, params, tokens, positions = _setup("gqa")
+    einsum = forward(params, jnp.asarray(tokens), jnp.asarray(positions), config=config)[0]
+    fused = forward(params, jnp.asarray(tokens), jnp.asarray(positions),
+                    config=config.replace(attention_impl="dot_product_attention"))[0]
+    assert_logits_close(fused, np.asarray(einsum), rel=1e-5)
+
+
+# bf16 keeps 8 bits of mantissa; through two layers the logits stay within 3 % of their scale of the fp32 run.
+BF16_TOLERANCE = 3e-2
+
+
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_bf16_compute_stays_near_fp32(param_dtype):
+    config, state, params, tokens, positions = _setup("llama3-theta500k")
+    fp32 = np.asarray(forward(params, jnp.asarray(tokens), jnp.asarray(positions), config=config)[0])
+    bf16_config = config.replace(dtype="bfloat16", param_dtype=param_dtype)
+    bf16_params = jax.tree.map(lambda p: p.astype(bf16_config.weight_dtype), params)
+    bf16 = forward(bf16_params, jnp.asarray(tokens), jnp.asarray(positions), config=bf16_config)[0]
+    assert bf16.dtype == jnp.float32  # logits come back fp32 whatever the compute dtype
+    assert_logits_close(bf16, fp32, rel=BF16_TOLERANCE)
+    # ...and bf16 really ran: the result is not bit-identical to fp32.
+    assert np.abs(np.asarray(bf16) - fp32).max() > 0
+
+
+def test_init_params_match_declared_logical_axes():
+    from llama_jax.model import param_logical_axes
+
+    config = CASES["ffn-multiplier"]
+    params = init_params(config, jax.random.key(0))
+    axes = param_logical_axes(config)
+    jax.tree.map(lambda p, spec: None if p.ndim == len(spec) else pytest.fail(f"{p.shape} vs {spec}"), params, axes)
+    assert sum(p.size for p in jax.tree.leaves(params)) == config.num_params()
