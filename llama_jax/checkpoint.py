@@ -63,16 +63,22 @@ def load_config(model_dir: str | Path) -> LlamaConfig:
 
 def load_params(model_dir: str | Path, config: LlamaConfig, shardings: Any = None) -> Any:
     """Restores the parameter tree, cast to `config.param_dtype`; `shardings` places it on a mesh."""
-    from llama_jax.model import init_params  # local: keeps this module importable without building a model
-
     params_dir = resolve_params_dir(model_dir).absolute()
-    expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    expected = verify_params(params_dir, config)
     if shardings is None:
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), expected)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), expected, shardings)
-    stored = ocp.StandardCheckpointer().metadata(params_dir).item_metadata.tree
-    _check_shapes(params_dir, stored, expected)
     return ocp.StandardCheckpointer().restore(params_dir, target)
+
+
+def verify_params(params_dir: Path, config: LlamaConfig) -> Any:
+    """Checks the stored names and shapes (Orbax metadata only, no data read); returns the expected tree."""
+    from llama_jax.model import init_params  # local: keeps this module importable without building a model
+
+    expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    stored = ocp.StandardCheckpointer().metadata(Path(params_dir).absolute()).item_metadata.tree
+    _check_shapes(params_dir, stored, expected)
+    return expected
 
 
 def _check_shapes(params_dir: Path, stored: Any, expected: Any) -> None:
