@@ -423,3 +423,10 @@ def test_cli_subprocess_help_and_error(tmp_path):
         f"error: {tmp_path / 'meta' / 'params.json'}: missing (expected Meta's params.json + consolidated.NN.pth, "
         "or a Hugging Face config.json + model*.safetensors)"]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{not json"])
+def test_params_json_that_is_not_an_object(tmp_path, capsys, content):
+    folder, _, _ = _write(tmp_path, "llama3-gqa-2shards", checklist=False)
+    (folder / "params.json").write_text(content)
+    _assert_refused(tmp_path, capsys, [], "params.json: ")
