@@ -11,6 +11,8 @@ A training run folder (Orbax CheckpointManager: RUN_DIR/<step>/params, RUN_DIR/<
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -68,7 +70,8 @@ def load_params(model_dir: str | Path, config: LlamaConfig, shardings: Any = Non
     if shardings is None:
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), expected)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), expected, shardings)
-    return ocp.StandardCheckpointer().restore(params_dir, target)
+    with _quiet_step_metadata():
+        return ocp.StandardCheckpointer().restore(params_dir, target)
 
 
 def verify_params(params_dir: Path, config: LlamaConfig) -> Any:
@@ -76,7 +79,8 @@ def verify_params(params_dir: Path, config: LlamaConfig) -> Any:
     from llama_jax.model import init_params  # local: keeps this module importable without building a model
 
     expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    stored = ocp.StandardCheckpointer().metadata(Path(params_dir).absolute()).item_metadata.tree
+    with _quiet_step_metadata():
+        stored = ocp.StandardCheckpointer().metadata(Path(params_dir).absolute()).item_metadata.tree
     _check_shapes(params_dir, stored, expected)
     return expected
 
@@ -91,6 +95,22 @@ def _check_shapes(params_dir: Path, stored: Any, expected: Any) -> None:
         if tuple(flat_stored[name].shape) != tuple(spec.shape):
             raise CheckpointError(f"{params_dir}: {name} has shape {tuple(flat_stored[name].shape)}, "
                                   f"config.json implies {tuple(spec.shape)}")
+
+
+@contextlib.contextmanager
+def _quiet_step_metadata():
+    """A CheckpointManager keeps _CHECKPOINT_METADATA one level above an item, so Orbax warns that the item's
+    own is missing whenever a training run's params are read directly; nothing is wrong, so hide that line."""
+
+    def drop(record: logging.LogRecord) -> bool:
+        return "_CHECKPOINT_METADATA" not in record.getMessage()
+
+    logger = logging.getLogger("absl")
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def load_model(model_dir: str | Path, shardings: Any = None, **config_overrides: Any):

@@ -220,6 +220,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-llama2": dict(_LLAMA2, dim=64, n_layers=2, n_heads=4, vocab_size=256, multiple_of=32, max_seq_len=128),
     "tiny-llama3": dict(_LLAMA3, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32,
                         max_seq_len=128),
+    # The README's no-download demo: ~1.3M parameters (the vocab comes from the tokenizer trained for it).
+    "demo": dict(_LLAMA2, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=2000, multiple_of=64,
+                 max_seq_len=256),
     "small-100m": dict(_LLAMA2, dim=768, n_layers=12, n_heads=12, multiple_of=256, max_seq_len=1024),
 }
 

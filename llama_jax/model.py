@@ -7,6 +7,7 @@ the layers stacked on a leading axis so they run under `nn.scan`. Every paramete
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -230,19 +231,23 @@ class Llama(nn.Module):
 
 # --- functional API ------------------------------------------------------------------------------------------
 
+def _init_variables(config: LlamaConfig, rng: jax.Array):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return Llama(config.replace(scan_layers=True)).init(rng, tokens, tokens)
+
+
+# Module-level jit with the config static: one compilation per config, not one per call.
+_jit_init = jax.jit(_init_variables, static_argnums=0)
+
+
 def init_params(config: LlamaConfig, rng: jax.Array) -> Params:
     """Random parameters with layers stacked on axis 0 (the layout checkpoints use, whatever `scan_layers`)."""
-    scanned = config.replace(scan_layers=True)
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    variables = jax.jit(lambda r: Llama(scanned).init(r, tokens, tokens))(rng)
-    return nn.unbox(variables["params"])
+    return nn.unbox(_jit_init(config, rng)["params"])
 
 
 def param_logical_axes(config: LlamaConfig) -> Params:
     """Logical axis names of every parameter, as a pytree of PartitionSpecs shaped like `init_params`."""
-    scanned = config.replace(scan_layers=True)
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    abstract = jax.eval_shape(lambda r: Llama(scanned).init(r, tokens, tokens), jax.random.key(0))
+    abstract = jax.eval_shape(functools.partial(_init_variables, config), jax.random.key(0))
     return nn.get_partition_spec(abstract["params"])
 
 
