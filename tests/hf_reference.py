@@ -6,6 +6,7 @@ conversion script reorders the rows of wq/wk so the two agree. `permute_for_hf` 
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import transformers
 
@@ -88,6 +89,10 @@ def hf_model_from_meta(state: dict[str, torch.Tensor], config: LlamaConfig) -> t
     return model
 
 
-def hf_logits(model: transformers.LlamaForCausalLM, tokens) -> torch.Tensor:
+def hf_logits(state: dict[str, torch.Tensor], config: LlamaConfig, tokens, positions=None) -> np.ndarray:
+    """HF's fp32 logits [batch, seq, vocab] for Meta-format weights; `positions` default to 0..seq-1."""
+    model = hf_model_from_meta(state, config)
+    position_ids = None if positions is None else torch.as_tensor(np.asarray(positions).copy(), dtype=torch.long)
     with torch.no_grad():
-        return model(input_ids=torch.as_tensor(tokens, dtype=torch.long)).logits.float()
+        out = model(input_ids=torch.as_tensor(np.asarray(tokens), dtype=torch.long), position_ids=position_ids)
+    return out.logits.float().numpy()

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_reference import hf_model_from_meta, random_meta_state
+from hf_reference import hf_logits, hf_model_from_meta, random_meta_state
 from llama_jax.checkpoint import load_model
 from llama_jax.config import LlamaConfig, RopeScaling
 from llama_jax.convert import convert, export_meta, verify_checklist
@@ -66,13 +66,6 @@ def _write(tmp_path: Path, name: str, seed: int = 0, **kw) -> tuple[Path, dict, 
     return folder, state, config
 
 
-def _hf_logits(state, config, tokens, positions):
-    model = hf_model_from_meta(state, config)
-    with torch.no_grad():
-        out = model(input_ids=torch.as_tensor(tokens), position_ids=torch.as_tensor(positions))
-    return out.logits.float().numpy()
-
-
 def _our_logits(model_dir: Path, tokens, positions):
     params, config, _ = load_model(model_dir)
     logits, _ = forward(params, tokens, positions, config=config)
@@ -110,7 +103,7 @@ def test_converted_logits_match_hf_reference(tmp_path, name):
     expected = params_from_meta({k: v.numpy() for k, v in state.items()}, config)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b), params, expected)
     # ... and the model computes what HF's LlamaForCausalLM computes with them.
-    np.testing.assert_allclose(ours, _hf_logits(state, config, tokens, positions), atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(ours, hf_logits(state, config, tokens, positions), atol=2e-4, rtol=1e-4)
     assert (tmp_path / "out" / "tokenizer.model").read_bytes() == (folder / "tokenizer.model").read_bytes()
     assert _leftovers(tmp_path) == ["out"]
 
@@ -123,7 +116,7 @@ def test_rope_factor_comes_from_family(tmp_path):
     tokens, positions = _inputs(config, 20000)
     ours, _, loaded = _our_logits(tmp_path / "guess", tokens, positions)
     assert loaded.rope_scaling.factor == 8.0
-    assert np.abs(ours - _hf_logits(state, config, tokens, positions)).max() > 1e-3
+    assert np.abs(ours - hf_logits(state, config, tokens, positions)).max() > 1e-3
 
 
 def test_bf16_checkpoint_keeps_bf16_and_upcasts_exactly(tmp_path):

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
-from hf_reference import hf_logits, hf_model_from_meta, random_meta_state
+from hf_reference import hf_logits as _hf
+from hf_reference import random_meta_state
 from llama_jax.config import LlamaConfig, RopeScaling
 from llama_jax.meta_weights import params_from_meta
 from llama_jax.model import forward, init_cache, init_params, rope_frequencies
@@ -37,13 +37,6 @@ def _setup(name: str, seed: int = 0):
     tokens = np.random.default_rng(seed).integers(0, config.vocab_size, (2, SEQ))
     positions = np.broadcast_to(np.arange(SEQ) + START_POSITION.get(name, 0), tokens.shape)
     return config, state, params, tokens, positions
-
-
-def _hf(state, config, tokens, positions) -> np.ndarray:
-    model = hf_model_from_meta(state, config)
-    with torch.no_grad():
-        out = model(input_ids=torch.as_tensor(tokens), position_ids=torch.as_tensor(positions.copy()))
-    return out.logits.float().numpy()
 
 
 def assert_logits_close(ours, reference, rel=1e-4):

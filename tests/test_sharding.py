@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_reference import hf_logits, hf_model_from_meta, random_meta_state
+from hf_reference import hf_logits, random_meta_state
 from llama_jax import sharding as sh
 from llama_jax.config import LlamaConfig
 
@@ -134,7 +134,7 @@ print(json.dumps(out))
 
 def _reference_loss(state, config, inputs, targets, mask) -> float:
     """Cross-entropy of the batch from Hugging Face's model: torch log-softmax, masked mean."""
-    logits = hf_logits(hf_model_from_meta(state, config), inputs)
+    logits = torch.as_tensor(hf_logits(state, config, inputs))
     logp = torch.log_softmax(logits.double(), dim=-1)
     nll = -logp.gather(-1, torch.as_tensor(targets, dtype=torch.long)[..., None])[..., 0].numpy()
     return float((nll * mask).sum() / mask.sum())
@@ -190,20 +190,6 @@ print(json.dumps({"process": jax.process_index(), "processes": jax.process_count
                   "devices": jax.device_count(), "local": jax.local_device_count(),
                   "losses": result.losses, "eval": result.eval_loss}))
 """
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from llama_jax.data import pydoc_topics
-    from llama_jax.train_tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("corpus")
-    docs = [text for _, text in sorted(pydoc_topics().items())[:12]]
-    (root / "text").mkdir()
-    for i, doc in enumerate(docs):
-        (root / "text" / f"{i}.txt").write_text(doc)
-    train_tokenizer(docs, root / "tok.model", vocab_size=400)
-    return root / "text", root / "tok.model"
 
 
 def _free_port() -> int:

@@ -60,21 +60,6 @@ def train_losses(run_dir: Path, split: str = "train") -> dict[int, float]:
     return {r["step"]: r["loss"] for r in T.read_metrics(run_dir) if r["split"] == split}
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """A dozen pydoc topics and a 400-piece tokenizer trained on them."""
-    from llama_jax.data import pydoc_topics
-    from llama_jax.train_tokenizer import train_tokenizer
-
-    root = tmp_path_factory.mktemp("corpus")
-    docs = [text for _, text in sorted(pydoc_topics().items())[:12]]
-    (root / "text").mkdir()
-    for i, doc in enumerate(docs):
-        (root / "text" / f"{i}.txt").write_text(doc)
-    train_tokenizer(docs, root / "tok.model", vocab_size=400)
-    return root / "text", root / "tok.model"
-
-
 def data_flags(corpus) -> list[str]:
     return ["--data", str(corpus[0]), "--tokenizer", str(corpus[1])]
 
