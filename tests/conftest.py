@@ -20,3 +20,13 @@ def corpus(tmp_path_factory):
         (root / "text" / f"{i}.txt").write_text(doc)
     train_tokenizer(docs, root / "tok.model", vocab_size=400)
     return root / "text", root / "tok.model"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _subprocess_compilation_cache(tmp_path_factory):
+    from subprocess_env import CACHE_ENV
+
+    CACHE_ENV.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    yield
+    CACHE_ENV.clear()

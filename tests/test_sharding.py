@@ -18,25 +18,12 @@ import torch
 from hf_reference import hf_logits, random_meta_state
 from llama_jax import sharding as sh
 from llama_jax.config import LlamaConfig
+from subprocess_env import CACHE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 # kv heads (2) do not divide the 4-way tensor axis: they must fall back to replicated, not fail.
 SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=64)
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (1, 2, 4)]
-
-
-# One XLA compilation cache for every subprocess of this module: the runs compile the same programs again and
-# again, and reading them back instead of recompiling halves each run on 2 CPU cores. It changes no result:
-# a cached executable is the one the compiler produced.
-CACHE_ENV: dict[str, str] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    CACHE_ENV.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    yield
-    CACHE_ENV.clear()
 
 
 def run_python(code: str, *args: str, devices: int = 8, timeout: int = 240, env: dict | None = None):

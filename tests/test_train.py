@@ -21,6 +21,7 @@ from llama_jax import checkpoint as ckpt
 from llama_jax import train as T
 from llama_jax.config import LlamaConfig
 from llama_jax.model import forward, init_params
+from subprocess_env import CACHE_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, multiple_of=32, max_seq_len=64)
@@ -28,20 +29,6 @@ SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=400, multip
 TINY_FLAGS = ["--preset", "demo", "--set", "dim=64", "--set", "n_layers=2", "--set", "multiple_of=32",
               "--seq-len", "32", "--batch-size", "8", "--lr", "3e-3", "--warmup-steps", "1", "--seed", "5",
               "--no-progress"]
-
-
-# One XLA compilation cache for every subprocess of this module: the runs compile the same programs again and
-# again, and reading them back instead of recompiling halves each run on 2 CPU cores. It changes no result:
-# a cached executable is the one the compiler produced.
-CACHE_ENV: dict[str, str] = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    CACHE_ENV.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    yield
-    CACHE_ENV.clear()
 
 
 def run_cli(*args: str, devices: int = 1, timeout: int = 240):
