@@ -122,7 +122,10 @@ def test_remat_policies_keep_loss_and_gradients(policy):
 
     reference = jax.value_and_grad(loss)(params, config)
     remat = jax.value_and_grad(loss)(params, config.replace(remat_policy=policy))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), reference, remat)
+    # Recomputation may sum in another order: allow fp32 rounding relative to each gradient's own scale; a wrong
+    # rematerialisation would be off by the gradient's whole size.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(a).max())),
+                 reference, remat)
 
 
 def test_dot_product_attention_path_matches_einsum():
