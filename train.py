@@ -44,7 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     m.add_argument("--dtype", help="compute dtype: float32 or bfloat16 (default: bfloat16 on GPU/TPU, float32 on CPU)")
     m.add_argument("--param-dtype", help="parameter (master weight) dtype (default: float32)")
     m.add_argument("--remat", dest="remat_policy", help="activation checkpointing: none, full, dots, dots_no_batch")
-    m.add_argument("--attention-impl", help="einsum or dot_product_attention (cuDNN flash attention on GPU)")
+    m.add_argument("--attention-impl", help="einsum or dot_product_attention (cuDNN flash attention on GPU); "
+                   "default: dot_product_attention on GPU, einsum elsewhere")
     m.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override any LlamaConfig field, e.g. --set n_layers=8 (repeatable; VALUE is JSON)")
 
@@ -123,6 +124,7 @@ def model_overrides(args: argparse.Namespace) -> dict:
 
 def build_config(args: argparse.Namespace):
     """TrainConfig from (saved run settings when resuming) < (preset training defaults) < explicit flags."""
+    from llama_jax.model import default_attention_impl
     from llama_jax.train import TRAIN_CONFIG_FILE, TRAIN_PRESETS, ModelSpec, TrainConfig, TrainError, default_dtype
 
     explicit = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
@@ -140,6 +142,7 @@ def build_config(args: argparse.Namespace):
         raise TrainError("--data is required (a text file or folder)")
     if "dtype" not in overrides and not args.init_from:
         overrides["dtype"] = default_dtype()
+    overrides.setdefault("attention_impl", default_attention_impl())
     spec = ModelSpec(args.preset, args.config, args.init_from, overrides)
     return TrainConfig(**{**TRAIN_PRESETS.get(args.preset or "", {}), **explicit, "model": spec})
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama_jax.config import LlamaConfig
-from llama_jax.model import KVCache, forward, init_cache, unstack_layers
+from llama_jax.model import KVCache, default_attention_impl, forward, init_cache, unstack_layers
 from llama_jax.sampling import GREEDY, SamplingParams, sample_rows
 
 # Incremented at trace time only: tests read it to prove a second call in the same bucket does not recompile.
@@ -80,12 +80,6 @@ class StreamChunk:
 
 def next_power_of_two(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
-
-
-def default_attention_impl(backend: str | None = None) -> str:
-    """The fused kernel path on GPU, the plain einsum (reference) path elsewhere."""
-    backend = backend or jax.default_backend()
-    return "dot_product_attention" if backend in ("gpu", "cuda", "rocm") else "einsum"
 
 
 # --- the two compiled functions ------------------------------------------------------------------------------

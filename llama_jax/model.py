@@ -7,6 +7,7 @@ the layers stacked on a leading axis so they run under `nn.scan`. Every paramete
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Any, NamedTuple
@@ -94,15 +95,37 @@ def apply_rope(x, positions, freqs):
     return rotated.reshape(x.shape).astype(x.dtype)
 
 
+def default_attention_impl(backend: str | None = None) -> str:
+    """The fused kernel path on GPU, the plain einsum (reference) path elsewhere."""
+    backend = backend or jax.default_backend()
+    return "dot_product_attention" if backend in ("gpu", "cuda", "rocm") else "einsum"
+
+
+def _fused_kernel_applies(q, mask) -> bool:
+    """cuDNN's flash attention: on a GPU, in bf16/fp16, head_dim a multiple of 8 up to 128 (what it supports),
+    for the plain causal mask (no padding, no cache)."""
+    head_dim = q.shape[-1]
+    return (mask is None and q.dtype in (jnp.bfloat16, jnp.float16) and head_dim % 8 == 0 and head_dim <= 128
+            and jax.default_backend() == "gpu")
+
+
 def attention(q, k, v, mask, impl: str = "einsum"):
     """Grouped-query attention without materialising repeated K/V.
 
-    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim]; mask: [batch, q_len, kv_len].
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim]; mask: [batch, q_len, kv_len],
+    or None for the plain causal mask of a full sequence (query i sees keys 0..i).
     """
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
     if impl == "dot_product_attention":
+        if _fused_kernel_applies(q, mask):
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        # jax.nn's own XLA lowering (what implementation=None picks): any mask, any dtype, any backend.
+        if mask is None:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True)
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
+    if mask is None:
+        mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
     scores = jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
@@ -113,6 +136,9 @@ def attention(q, k, v, mask, impl: str = "einsum"):
 
 class Attention(nn.Module):
     config: LlamaConfig
+    # Every row's positions are 0..seq-1 and there is no cache: the plain causal mask, which fused kernels take
+    # without a mask array.
+    plain_causal: bool = False
 
     @nn.compact
     def __call__(self, x, positions, layer, cache: KVCache | None):
@@ -143,9 +169,12 @@ class Attention(nn.Module):
             k, v = cache.k[layer].astype(dt), cache.v[layer].astype(dt)
             key_positions = cache.positions  # already holds this call's positions (see Llama.__call__)
             query_slots = cache.index + jnp.arange(t)
-        key_slots = jnp.arange(key_positions.shape[1])
-        # Causal in slot order, and never attend to empty or padding slots (position -1).
-        mask = (key_slots[None, None, :] <= query_slots[None, :, None]) & (key_positions[:, None, :] >= 0)
+        if self.plain_causal:
+            mask = None
+        else:
+            key_slots = jnp.arange(key_positions.shape[1])
+            # Causal in slot order, and never attend to empty or padding slots (position -1).
+            mask = (key_slots[None, None, :] <= query_slots[None, :, None]) & (key_positions[:, None, :] >= 0)
         out = attention(q, k, v, mask, cfg.attention_impl)
         return jnp.einsum("bthk,hkd->btd", out, wo.astype(dt)), cache
 
@@ -170,11 +199,12 @@ class Block(nn.Module):
     """Pre-norm transformer layer. Signature fits `nn.scan`: (carry, layer_index) -> (carry, None)."""
 
     config: LlamaConfig
+    plain_causal: bool = False
 
     @nn.compact
     def __call__(self, carry, layer, positions):
         x, cache = carry
-        h, cache = Attention(self.config, name="attention")(
+        h, cache = Attention(self.config, self.plain_causal, name="attention")(
             RMSNorm(self.config, name="attention_norm")(x), positions, layer, cache)
         x = x + h
         x = x + FeedForward(self.config, name="feed_forward")(RMSNorm(self.config, name="ffn_norm")(x))
@@ -189,12 +219,43 @@ _REMAT_POLICIES = {
 }
 
 
+@jax.custom_vjp
+def output_logits(x, head):
+    """x [batch, seq, dim] @ head [dim, vocab] -> fp32 logits, accumulated in fp32 whatever the compute dtype.
+
+    Autodiff of a bf16 x bf16 -> fp32 product would run both backward products on an fp32 cotangent, i.e. in
+    fp32 (TF32 at best) on a GPU: a vocab-sized matmul pair at half speed or worse. The cotangent is rounded to
+    the compute dtype instead, as in a bf16 model that upcasts its logits (Meta's `self.output(h).float()`).
+    """
+    return jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+
+
+def _output_logits_fwd(x, head):
+    return output_logits(x, head), (x, head)
+
+
+def _output_logits_bwd(residuals, g):
+    x, head = residuals
+    g = g.astype(x.dtype)
+    # Traced after forward() returns, outside its fp32 precision scope: say it again here.
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    dx = jnp.einsum("btv,dv->btd", g, head, preferred_element_type=jnp.float32, precision=precision)
+    dhead = jnp.einsum("btd,btv->dv", x, g, preferred_element_type=jnp.float32, precision=precision)
+    return dx.astype(x.dtype), dhead.astype(head.dtype)
+
+
+output_logits.defvjp(_output_logits_fwd, _output_logits_bwd)
+
+
 class Llama(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, tokens, positions, cache: KVCache | None = None):
+    def __call__(self, tokens, positions=None, cache: KVCache | None = None):
         cfg = self.config
+        plain_causal = positions is None and cache is None
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         embedding = _param(self, "tok_embeddings", (cfg.vocab_size, cfg.dim), ("vocab", "embed"),
                            nn.initializers.normal(0.02), cfg)
         x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
@@ -210,11 +271,11 @@ class Llama(nn.Module):
         if cfg.scan_layers:
             layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                              in_axes=(0, nn.broadcast), length=cfg.n_layers,
-                             metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+                             metadata_params={nn.PARTITION_NAME: "layers"})(cfg, plain_causal, name="layers")
             carry, _ = layers(carry, jnp.arange(cfg.n_layers), positions)
         else:
             for i in range(cfg.n_layers):
-                carry, _ = block(cfg, name=f"layers_{i}")(carry, i, positions)
+                carry, _ = block(cfg, plain_causal, name=f"layers_{i}")(carry, i, positions)
         x, cache = carry
 
         x = RMSNorm(cfg, name="norm")(x)
@@ -223,7 +284,7 @@ class Llama(nn.Module):
         else:
             head = _param(self, "output", (cfg.dim, cfg.vocab_size), ("embed", "vocab"),
                           nn.initializers.normal(0.02), cfg)
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+        logits = output_logits(x, head.astype(cfg.compute_dtype))
         if cache is not None:
             cache = cache._replace(index=cache.index + tokens.shape[1])
         return logits, cache
@@ -260,12 +321,20 @@ def unstack_layers(params: Params, n_layers: int) -> Params:
     return params
 
 
-def forward(params: Params, tokens: jax.Array, positions: jax.Array, cache: KVCache | None = None, *,
-            config: LlamaConfig):
+def forward(params: Params, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None,
+            *, config: LlamaConfig):
     """Logits [batch, seq, vocab] in fp32 and the updated cache (None when no cache was given).
 
     tokens, positions: int [batch, seq]; a position of -1 marks a padding token that nothing attends to.
+    positions=None (no cache) means 0..seq-1 in every row, unpadded: training's case, where attention needs no
+    mask array and a GPU runs cuDNN's fused causal kernel (attention_impl="dot_product_attention", bf16).
     """
+    if positions is None and cache is not None:
+        raise ValueError("forward: positions are required with a cache (they say where the tokens go)")
     if not config.scan_layers and "layers" in params:
         params = unstack_layers(params, config.n_layers)
-    return Llama(config).apply({"params": params}, tokens, positions, cache)
+    # fp32 compute is Meta's fp32 arithmetic: XLA on NVIDIA GPUs otherwise rounds fp32 matmul inputs to TF32
+    # (1e-3 relative error; torch's matmuls do not), which a bf16-or-fp32 choice should not hide.
+    exact = jax.default_matmul_precision("highest") if config.compute_dtype == jnp.float32 else contextlib.nullcontext()
+    with exact:
+        return Llama(config).apply({"params": params}, tokens, positions, cache)

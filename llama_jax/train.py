@@ -195,8 +195,7 @@ def loss_sums(params, inputs, targets, loss_mask, *, config: LlamaConfig):
     """(sum of masked token cross-entropies, number of counted tokens), both fp32."""
     from llama_jax.model import forward
 
-    positions = jnp.broadcast_to(jnp.arange(inputs.shape[-1], dtype=jnp.int32), inputs.shape)
-    logits, _ = forward(params, inputs, positions, config=config)
+    logits, _ = forward(params, inputs, config=config)  # packed, unpadded rows: positions 0..seq-1
     logz = jax.nn.logsumexp(logits, axis=-1)
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     mask = loss_mask.astype(jnp.float32)

@@ -136,8 +136,104 @@ def test_dot_product_attention_path_matches_einsum():
     assert_logits_close(fused, np.asarray(einsum), rel=1e-5)
 
 
+def _dot_precisions(jaxpr) -> list:
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn.params["precision"])
+        for sub in _inner_jaxprs(eqn):  # jit, scan, remat bodies
+            found += _dot_precisions(sub)
+    return found
+
+
+def _inner_jaxprs(eqn):
+    for value in eqn.params.values():
+        for v in value if isinstance(value, (tuple, list)) else [value]:
+            if hasattr(v, "eqns"):
+                yield v
+            elif hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
+                yield v.jaxpr
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fp32_compute_asks_for_full_fp32_matmuls(dtype):
+    # On NVIDIA GPUs XLA's default fp32 matmul rounds inputs to TF32 (logits ~1e-3 off HF, seen on an H100);
+    # fp32 must mean fp32 there, while bf16 keeps the fast default. CPUs have no TF32: check what is asked for.
+    config = CASES["gqa"].replace(dtype=dtype)
+    params = init_params(config, jax.random.key(0))
+    closed = jax.make_jaxpr(lambda p, t: forward(p, t, config=config))(params, jnp.zeros((1, 4), jnp.int32))
+    precisions = _dot_precisions(closed.jaxpr)
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    assert len(precisions) >= 4 * config.n_layers
+    if dtype == "float32":
+        assert all(p == highest for p in precisions), precisions
+    else:
+        assert not any(p == highest for p in precisions), precisions
+
+
+def test_output_logits_gradient():
+    from llama_jax.model import output_logits
+
+    rng = np.random.default_rng(0)
+    x, head, g = (rng.standard_normal(shape) for shape in ((2, 3, 16), (16, 40), (2, 3, 40)))
+    reference = (np.einsum("btv,dv->btd", g, head), np.einsum("btd,btv->dv", x, g))  # float64, numpy
+    x, head, g = (jnp.asarray(a, jnp.float32) for a in (x, head, g))
+    # fp32: the exact gradient, with full-fp32 products (a GPU's TF32 default would miss rtol 1e-5).
+    for ours, ref in zip(jax.vjp(output_logits, x, head)[1](g), reference):
+        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+    fp32_backward = jax.make_jaxpr(lambda a, b, c: jax.vjp(output_logits, a, b)[1](c))(x, head, g)
+    assert all(e.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2
+               for e in fp32_backward.jaxpr.eqns if e.primitive.name == "dot_general")
+    # bf16: close to the fp32 gradient, and every backward product is bf16 x bf16 (a GPU's fast path).
+    xb, hb = x.astype(jnp.bfloat16), head.astype(jnp.bfloat16)
+    for ours, ref in zip(jax.vjp(output_logits, xb, hb)[1](g), reference):
+        assert ours.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(ours, np.float32), ref, rtol=0, atol=3e-2 * np.abs(ref).max())
+    backward = jax.make_jaxpr(lambda a, b, c: jax.vjp(output_logits, a, b)[1](c))(xb, hb, g)
+    dots = [e for e in backward.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 2 and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+
+
+@pytest.mark.parametrize("impl", ["einsum", "dot_product_attention"])
+def test_default_positions_are_the_plain_causal_case(impl):
+    # positions=None (training's call) takes the mask-free causal path; it must be the same model.
+    config, state, params, tokens, _ = _setup("gqa")
+    logits, _ = forward(params, jnp.asarray(tokens), config=config.replace(attention_impl=impl))
+    assert_logits_close(logits, _hf(state, config, tokens, np.broadcast_to(np.arange(SEQ), tokens.shape)))
+
+    with pytest.raises(ValueError, match="positions are required with a cache"):
+        forward(params, jnp.asarray(tokens), cache=init_cache(config, 2, SEQ), config=config)
+
+
 # bf16 keeps 8 bits of mantissa; through two layers the logits stay within 3 % of their scale of the fp32 run.
 BF16_TOLERANCE = 3e-2
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN fused attention needs a GPU (CI has none)")
+def test_cudnn_fused_attention_on_gpu_matches_fp32_reference():
+    # A GPU-sized head (128) and a sequence long enough for the flash kernel's tiling.
+    config = LlamaConfig(dim=512, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=64,
+                         max_seq_len=512, rope_theta=500000.0)
+    state = random_meta_state(config, 0)
+    params = jax.tree.map(jnp.asarray, params_from_meta({k: v.numpy() for k, v in state.items()}, config))
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 256))
+    reference = _hf(state, config, tokens, np.broadcast_to(np.arange(256), tokens.shape))
+    fused = config.replace(dtype="bfloat16", attention_impl="dot_product_attention")
+    run = jax.jit(lambda p, t: forward(p, t, config=fused)[0])
+    hlo = run.lower(params, jnp.asarray(tokens)).compile().as_text()
+    assert "cudnn" in hlo.lower(), "the fused path did not lower to cuDNN's attention kernel"
+    assert_logits_close(run(params, jnp.asarray(tokens)), reference, rel=BF16_TOLERANCE)
+
+    # Its gradient (training's backward pass) against the einsum path's, both in bf16.
+    def loss(p, cfg):  # any scalar that depends on every logit will do
+        logits = forward(p, jnp.asarray(tokens), config=cfg)[0]
+        return jnp.mean(jax.nn.logsumexp(logits, -1))
+
+    g_fused = jax.grad(loss)(params, fused)
+    g_einsum = jax.grad(loss)(params, fused.replace(attention_impl="einsum"))
+    for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_einsum)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.linalg.norm(a - b) <= 5e-2 * np.linalg.norm(b)
 
 
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
