@@ -12,8 +12,10 @@ eos id 2: HF's min_new_tokens forbids eos, so where ours picks it the two legiti
     python benchmarks/generate.py --configs tiny-llama2 --new-tokens 64 --rounds 1
     python benchmarks/generate.py --gpu                   # on a GPU: llama3-8b shape, bf16, batch 1 and 64
 
---gpu does not run HF: it reports tokens/s against the weight-streaming bound, HBM bandwidth (H100 SXM
-3.35 TB/s by default) divided by the bytes of the weights, times the batch (each step reads every weight once).
+--gpu reports decode tokens/s against the weight-streaming bound, HBM bandwidth (H100 SXM 3.35 TB/s by default)
+divided by the bytes of the weights, times the batch (each step reads every weight once), and end-to-end tokens/s
+next to HF `generate()` on the same GPU (bf16, SDPA attention, its default dynamic cache, random weights of the
+same shape; run first, in a child process, so that each side has the GPU's memory to itself).
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--gpu", action="store_true", help="GPU mode: llama3-8b-shaped bf16 random weights, no HF")
     p.add_argument("--gpu-preset", default="llama3-8b", help="with --gpu: the shape to use")
     p.add_argument("--hbm-tbps", type=float, default=3.35, help="with --gpu: memory bandwidth in TB/s (H100 SXM)")
+    p.add_argument("--no-peer", action="store_true", help="with --gpu: skip HF generate() on the GPU")
+    p.add_argument("--gpu-peer", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -136,16 +140,74 @@ def _fmt(r):
     return f"| {name} | {params} | {batch} | {ours:.1f} | {hf:.1f} | **{ratio:.2f}x** | {compile_s:.1f} | {agree} |"
 
 
+def gpu_config(args):
+    from llama_jax.config import preset
+
+    config = preset(args.gpu_preset, dtype="bfloat16", param_dtype="bfloat16")
+    return config.replace(max_seq_len=max(config.max_seq_len, args.prompt_len + args.new_tokens))
+
+
+def torch_gpu_peer(args) -> None:
+    """--gpu-peer (a child process of --gpu): HF `generate()` on the GPU, bf16, SDPA attention, greedy, the same
+    shapes; prints "PEER <batch> <tokens/s end to end>" per batch for the parent."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from hf_reference import hf_config
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf = hf_config(gpu_config(args))
+    hf._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(hf).eval()
+    rng = np.random.default_rng(0)
+    print(f"NOTE torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
+    for batch in args.batches or [1, 64]:
+        ids = torch.as_tensor(rng.integers(3, hf.vocab_size, (batch, args.prompt_len)), device=device)
+        kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0, eos_token_id=2,
+                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+        with torch.no_grad():
+            model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # lazy initialisation
+            best = float("inf")
+            for _ in range(args.rounds):
+                torch.cuda.synchronize() if device == "cuda" else None
+                t = time.perf_counter()
+                model.generate(ids, **kw)
+                torch.cuda.synchronize() if device == "cuda" else None
+                best = min(best, time.perf_counter() - t)
+        print(f"PEER {batch} {batch * args.new_tokens / best}", flush=True)
+
+
+def run_gpu_peer(args) -> tuple[dict[int, float], str]:
+    """The peer in a child process, before JAX takes the GPU's memory (its allocator keeps what it reserves)."""
+    import subprocess
+
+    batches = [str(b) for b in (args.batches or [1, 64])]
+    cmd = [sys.executable, __file__, "--gpu-peer", "--gpu-preset", args.gpu_preset, "--batches", *batches,
+           "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--rounds", str(args.rounds)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    rates = {int(line.split()[1]): float(line.split()[2]) for line in proc.stdout.splitlines()
+             if line.startswith("PEER ")}
+    notes = [line[5:] for line in proc.stdout.splitlines() if line.startswith("NOTE ")]
+    if proc.returncode != 0:
+        notes.append("failed: " + (proc.stderr.strip().splitlines() or ["no output"])[-1])
+    return rates, "; ".join(notes)
+
+
 def gpu_table(args):
     import jax
     import numpy as np
 
-    from llama_jax.config import preset
     from llama_jax.generation import Generator
     from llama_jax.model import init_params
 
     batches = args.batches or [1, 64]
-    config = preset(args.gpu_preset, dtype="bfloat16", param_dtype="bfloat16")
+    peer, peer_note = ({}, "not run") if args.no_peer else run_gpu_peer(args)
+    print(f"HF peer: {peer_note}", flush=True)
+    config = gpu_config(args)
     device = jax.devices()[0]
     print(f"jax {jax.__version__} on {device.device_kind} ({device.platform}); {args.gpu_preset} shape, bf16 random "
           f"weights, greedy, prompt {args.prompt_len}, {args.new_tokens} new tokens", flush=True)
@@ -157,18 +219,26 @@ def gpu_table(args):
     print(f"weights {weight_bytes / 1e9:.2f} GB -> bound {per_step_bound:.1f} steps/s at {args.hbm_tbps} TB/s; "
           f"attention={gen.config.attention_impl}", flush=True)
     rng = np.random.default_rng(0)
-    print("| batch | tok/s | bound tok/s | of bound | prefill (s) | compile (s) |")
-    print("|---|---|---|---|---|---|")
+    rows = []
     for batch in batches:
         prompts = rng.integers(3, config.vocab_size, (batch, args.prompt_len)).tolist()
         first = gen.generate(prompts, max_new_tokens=args.new_tokens)
         runs = [gen.generate(prompts, max_new_tokens=args.new_tokens) for _ in range(args.rounds)]
         best = min(runs, key=lambda r: r.decode_seconds)
-        # Decode rate: the steps after the first token, all rows.
-        rate = batch * (args.new_tokens - 1) / best.decode_seconds
+        # Decode rate: the steps after the first token, all rows; end to end: every new token over prefill+decode.
+        decode = batch * (args.new_tokens - 1) / best.decode_seconds
+        e2e = batch * args.new_tokens / (best.prefill_seconds + best.decode_seconds)
         bound = batch * per_step_bound
-        print(f"| {batch} | {rate:.0f} | {bound:.0f} | {rate / bound:.0%} | {best.prefill_seconds:.3f} | "
-              f"{first.compile_seconds:.1f} |", flush=True)
+        rows.append((batch, decode, bound, e2e, peer.get(batch, float("nan")), best.prefill_seconds,
+                     first.compile_seconds))
+        print(rows[-1], flush=True)
+    print()
+    print("| batch | decode tok/s | HBM bound tok/s | of bound | end-to-end tok/s | HF generate() tok/s | ours / HF "
+          "| prefill (s) | compile (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for batch, decode, bound, e2e, hf, prefill, compile_s in rows:
+        print(f"| {batch} | {decode:.0f} | {bound:.0f} | {decode / bound:.0%} | {e2e:.0f} | {hf:.0f} | "
+              f"**{e2e / hf:.1f}x** | {prefill:.3f} | {compile_s:.1f} |", flush=True)
 
 
 def main(argv=None) -> int:
@@ -177,7 +247,9 @@ def main(argv=None) -> int:
         import os
 
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
-    if args.gpu:
+    if args.gpu_peer:
+        torch_gpu_peer(args)
+    elif args.gpu:
         gpu_table(args)
     else:
         cpu_table(args)

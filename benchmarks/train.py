@@ -11,7 +11,9 @@ losses of both are checked to agree (the same computation, not just the same sha
 
 --gpu trains Llama 3.2 1B's shape (1.24B parameters) with bf16 compute, fp32 master weights, cuDNN attention
 (attention_impl="dot_product_attention") and full-sequence batches; it reports MFU against the device's bf16
-dense peak (llama_jax.train.PEAK_FLOPS_BY_KIND). It does not run by default.
+dense peak (llama_jax.train.PEAK_FLOPS_BY_KIND) for each --remat policy, next to HF transformers + torch on the
+same GPU (bf16 autocast, SDPA attention, fused AdamW; run first, in a child process, so that each side has the
+GPU's memory to itself). MFU counts 6 x matmul parameters + 12 x layers x dim x seq FLOPs per token (PaLM).
 """
 
 from __future__ import annotations
@@ -145,30 +147,153 @@ def cpu_benchmark(args) -> None:
         print(f"| {name} | {r:,.0f} | {r / peer:.2f}x |")
 
 
+def gpu_config(args) -> LlamaConfig:
+    return preset(args.gpu_preset, dtype="bfloat16", param_dtype="float32", attention_impl="dot_product_attention",
+                  max_seq_len=args.seq_len)
+
+
+def torch_gpu_peer(args) -> None:
+    """--gpu-peer (a child process of --gpu): HF LlamaForCausalLM in its usual fast GPU setup, timed like ours.
+
+    fp32 master weights with bf16 autocast, SDPA attention (flash on Hopper), fused torch AdamW, the same batch
+    shape. Prints one line "PEER <tokens/s> <note>" for the parent.
+    """
+    import torch
+    import transformers
+
+    from hf_reference import hf_config
+
+    config = gpu_config(args)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    hf = hf_config(config)
+    hf._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(hf).train()
+    inputs, targets, _ = (torch.as_tensor(x, device=device).long() for x in make_batch(config, args.batch,
+                                                                                        args.seq_len))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=device == "cuda")
+    note = "no activation checkpointing"
+    if args.peer_checkpointing:
+        model.gradient_checkpointing_enable()
+        note = "gradient checkpointing (out of memory without)"
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            logits = model(input_ids=inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    step()
+    times = []
+    for _ in range(args.rounds):
+        torch.cuda.synchronize() if device == "cuda" else None
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        torch.cuda.synchronize() if device == "cuda" else None
+        times.append((time.perf_counter() - t) / args.steps)
+    print(f"PEER {args.batch * args.seq_len / statistics.median(times)} torch {torch.__version__}, "
+          f"transformers {transformers.__version__}, {note}", flush=True)
+
+
+def run_gpu_peer(args) -> tuple[float, str]:
+    """The peer in a child process, before JAX takes the GPU's memory (its allocator keeps what it reserves).
+
+    Without activation checkpointing first (HF's default and fastest); where that runs out of memory, again in a
+    fresh process with HF's gradient checkpointing.
+    """
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--gpu-peer", "--gpu-preset", args.gpu_preset, "--batch", str(args.batch),
+           "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--rounds", str(args.rounds)]
+    for extra in ([], ["--peer-checkpointing"]):
+        proc = subprocess.run(cmd + extra, capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("PEER ")]
+        if proc.returncode == 0 and lines:
+            _, rate, note = lines[-1].split(" ", 2)
+            return float(rate), note
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        if "OutOfMemoryError" not in tail:
+            break
+    return float("nan"), f"failed: {tail[:300]}"
+
+
+def phase_rates(config: LlamaConfig, params, batch) -> dict[str, float]:
+    """tokens/s of the forward pass alone and of forward + backward (no optimizer): where a step's time goes."""
+    inputs, targets, mask = (jnp.asarray(x) for x in batch)
+    params = jax.device_put(params)
+
+    def mean_loss(p):
+        total, count = T.loss_sums(p, inputs, targets, mask, config=config)
+        return total / count
+
+    rates = {}
+    for name, fn in (("forward only", jax.jit(mean_loss)), ("forward + backward", jax.jit(jax.grad(mean_loss)))):
+        jax.block_until_ready(fn(params))
+        t = time.perf_counter()
+        for _ in range(3):
+            out = fn(params)
+        jax.block_until_ready(out)
+        rates[name] = inputs.size * 3 / (time.perf_counter() - t)
+    return rates
+
+
 def gpu_benchmark(args) -> None:
     devices = jax.devices()
-    if devices[0].platform != "gpu":
+    if devices[0].platform != "gpu" and not args.allow_cpu:
         raise SystemExit(f"error: --gpu needs a GPU; jax sees {devices[0].platform}")
-    config = preset("llama3.2-1b", dtype="bfloat16", param_dtype="float32", attention_impl="dot_product_attention",
-                    remat_policy=args.remat, max_seq_len=args.seq_len)
+    config = gpu_config(args)
+    tokens = args.batch * args.seq_len
+    peak, peak_note = T.peak_flops(devices[:1])
+    flops = T.flops_per_token(config, args.seq_len)
+    print(f"{args.gpu_preset} shape ({config.num_params() / 1e9:.2f}B params), batch {args.batch} x {args.seq_len}, "
+          f"bf16 compute, fp32 master weights and AdamW; jax {jax.__version__} on {devices[0].device_kind}; "
+          f"peak {peak_note}", flush=True)
+    rows = []
+    if not args.no_peer:
+        rate, note = run_gpu_peer(args)
+        rows.append((f"HF transformers + torch AdamW ({note})", rate))
+        print(f"peer: {rate:,.0f} tok/s ({note})", flush=True)
     tc = T.TrainConfig(run_dir="-", data="-", steps=1000, warmup_steps=0, lr=3e-4, grad_accum=args.grad_accum)
     batch = make_batch(config, args.batch, args.seq_len)
     params = random_params(config)
-    run = jax_trainer(config, tc, params, batch)
-    run(2)  # compile + warm up
-    times = []
-    for _ in range(args.rounds):
-        t = time.perf_counter()
-        run(args.steps)
-        times.append((time.perf_counter() - t) / args.steps)
-    tokens = args.batch * args.seq_len
-    rate = tokens / statistics.median(times)
-    peak, note = T.peak_flops(devices[:1])
-    mfu = rate * T.flops_per_token(config, args.seq_len) / peak
-    print(f"| model | batch x seq | tokens/s | MFU ({note}) |")
-    print("| --- | --- | ---: | ---: |")
-    print(f"| llama3.2-1b shape, bf16 compute, remat={args.remat} | {args.batch} x {args.seq_len} | {rate:,.0f} | "
-          f"{100 * mfu:.1f}% |")
+    for remat in args.remat:
+        name = f"llama_jax (remat={remat}, cuDNN attention)"
+        try:
+            run = jax_trainer(config.replace(remat_policy=remat), tc, params, batch)
+            run(2)  # compile + warm up
+            times = []
+            for _ in range(args.rounds):
+                t = time.perf_counter()
+                run(args.steps)
+                times.append((time.perf_counter() - t) / args.steps)
+            rate = tokens / statistics.median(times)
+        except Exception as e:  # noqa: BLE001 - an out-of-memory variant is a row, not the end of the table
+            print(f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+            rate = float("nan")
+        finally:
+            run = None
+        print(f"{name}: {rate:,.0f} tok/s", flush=True)
+        rows.append((name, rate))
+    peer = rows[0][1] if not args.no_peer else float("nan")
+    print()
+    print(f"| implementation | tokens/s | MFU ({peak / 1e12:.0f} TFLOP/s peak) | vs HF + torch |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, rate in rows:
+        print(f"| {name} | {rate:,.0f} | {100 * rate * flops / peak:.1f}% | {rate / peer:.2f}x |")
+    if args.breakdown:
+        # Forward FLOPs are a third of the step's (2N of 6N per token), backward two thirds.
+        phases = phase_rates(config.replace(remat_policy=args.remat[0]), params, batch)
+        print()
+        print(f"| phase (remat={args.remat[0]}) | tokens/s | MFU of that phase |")
+        print("| --- | ---: | ---: |")
+        for (name, rate), share in zip(phases.items(), (1 / 3, 1.0)):
+            print(f"| {name} | {rate:,.0f} | {100 * rate * flops * share / peak:.1f}% |")
 
 
 def main() -> None:
@@ -179,9 +304,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="timed steps per round (default: 2)")
     p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (default: 3)")
     p.add_argument("--grad-accum", type=int, default=1, help="--gpu: micro-batches per step (default: 1)")
-    p.add_argument("--remat", default="dots_no_batch", help="--gpu: remat policy (default: dots_no_batch)")
+    p.add_argument("--remat", nargs="+", default=["dots_no_batch"],
+                   help="--gpu: remat policies to time, one row each (default: dots_no_batch)")
+    p.add_argument("--gpu-preset", default="llama3.2-1b", help="--gpu: the model shape (default: llama3.2-1b)")
+    p.add_argument("--no-peer", action="store_true", help="--gpu: skip the HF + torch row")
+    p.add_argument("--allow-cpu", action="store_true", help="--gpu: run even without a GPU (a dry run of the code)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="--gpu: also time the forward pass and forward + backward of the first --remat alone")
+    p.add_argument("--gpu-peer", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--peer-checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.gpu:
+    if args.gpu_peer:
+        torch_gpu_peer(args)
+    elif args.gpu:
         args.batch, args.seq_len = args.batch or 8, args.seq_len or 2048
         gpu_benchmark(args)
     else:
