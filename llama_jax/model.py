@@ -127,7 +127,8 @@ def attention(q, k, v, mask, impl: str = "einsum"):
     if mask is None:
         mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-    scores = jnp.einsum("btgrd,bsgd->bgrts", q, k, preferred_element_type=jnp.float32) / math.sqrt(d)
+    # As Meta: scores in the compute dtype, softmax in fp32 (`F.softmax(scores.float(), dim=-1).type_as(xq)`).
+    scores = (jnp.einsum("btgrd,bsgd->bgrts", q, k) / math.sqrt(d)).astype(jnp.float32)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bgrts,bsgd->btgrd", probs, v)
@@ -219,34 +220,6 @@ _REMAT_POLICIES = {
 }
 
 
-@jax.custom_vjp
-def output_logits(x, head):
-    """x [batch, seq, dim] @ head [dim, vocab] -> fp32 logits, accumulated in fp32 whatever the compute dtype.
-
-    Autodiff of a bf16 x bf16 -> fp32 product would run both backward products on an fp32 cotangent, i.e. in
-    fp32 (TF32 at best) on a GPU: a vocab-sized matmul pair at half speed or worse. The cotangent is rounded to
-    the compute dtype instead, as in a bf16 model that upcasts its logits (Meta's `self.output(h).float()`).
-    """
-    return jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
-
-
-def _output_logits_fwd(x, head):
-    return output_logits(x, head), (x, head)
-
-
-def _output_logits_bwd(residuals, g):
-    x, head = residuals
-    g = g.astype(x.dtype)
-    # Traced after forward() returns, outside its fp32 precision scope: say it again here.
-    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-    dx = jnp.einsum("btv,dv->btd", g, head, preferred_element_type=jnp.float32, precision=precision)
-    dhead = jnp.einsum("btd,btv->dv", x, g, preferred_element_type=jnp.float32, precision=precision)
-    return dx.astype(x.dtype), dhead.astype(head.dtype)
-
-
-output_logits.defvjp(_output_logits_fwd, _output_logits_bwd)
-
-
 class Llama(nn.Module):
     config: LlamaConfig
 
@@ -284,7 +257,10 @@ class Llama(nn.Module):
         else:
             head = _param(self, "output", (cfg.dim, cfg.vocab_size), ("embed", "vocab"),
                           nn.initializers.normal(0.02), cfg)
-        logits = output_logits(x, head.astype(cfg.compute_dtype))
+        # Meta's `self.output(h).float()`: the product in the compute dtype, then fp32. Training reads these
+        # logits several times (logsumexp, its gradient): bf16 halves that traffic, and the backward products
+        # stay bf16 x bf16, where an fp32 cotangent would make them fp32 matmuls on a GPU.
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(cfg.compute_dtype)).astype(jnp.float32)
         if cache is not None:
             cache = cache._replace(index=cache.index + tokens.shape[1])
         return logits, cache

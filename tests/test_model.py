@@ -171,27 +171,26 @@ def test_fp32_compute_asks_for_full_fp32_matmuls(dtype):
         assert not any(p == highest for p in precisions), precisions
 
 
-def test_output_logits_gradient():
-    from llama_jax.model import output_logits
+def test_bf16_training_gradient_products_stay_bf16():
+    # Every matmul of the bf16 backward pass takes bf16 operands: an fp32 cotangent reaching the vocab-sized
+    # output products made them fp32 matmuls on an H100 (1B training MFU 43% instead of 48%).
+    config = CASES["gqa"].replace(dtype="bfloat16")
+    params = init_params(config, jax.random.key(0))
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    closed = jax.make_jaxpr(jax.grad(lambda p: jnp.mean(forward(p, tokens, config=config)[0])))(params)
+    operand_dtypes = _dot_operand_dtypes(closed.jaxpr)
+    assert len(operand_dtypes) >= 3 * 4 * config.n_layers  # forward, and two products per matmul backward
+    assert all(d == jnp.bfloat16 for pair in operand_dtypes for d in pair), operand_dtypes
 
-    rng = np.random.default_rng(0)
-    x, head, g = (rng.standard_normal(shape) for shape in ((2, 3, 16), (16, 40), (2, 3, 40)))
-    reference = (np.einsum("btv,dv->btd", g, head), np.einsum("btd,btv->dv", x, g))  # float64, numpy
-    x, head, g = (jnp.asarray(a, jnp.float32) for a in (x, head, g))
-    # fp32: the exact gradient, with full-fp32 products (a GPU's TF32 default would miss rtol 1e-5).
-    for ours, ref in zip(jax.vjp(output_logits, x, head)[1](g), reference):
-        np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
-    fp32_backward = jax.make_jaxpr(lambda a, b, c: jax.vjp(output_logits, a, b)[1](c))(x, head, g)
-    assert all(e.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2
-               for e in fp32_backward.jaxpr.eqns if e.primitive.name == "dot_general")
-    # bf16: close to the fp32 gradient, and every backward product is bf16 x bf16 (a GPU's fast path).
-    xb, hb = x.astype(jnp.bfloat16), head.astype(jnp.bfloat16)
-    for ours, ref in zip(jax.vjp(output_logits, xb, hb)[1](g), reference):
-        assert ours.dtype == jnp.bfloat16
-        np.testing.assert_allclose(np.asarray(ours, np.float32), ref, rtol=0, atol=3e-2 * np.abs(ref).max())
-    backward = jax.make_jaxpr(lambda a, b, c: jax.vjp(output_logits, a, b)[1](c))(xb, hb, g)
-    dots = [e for e in backward.jaxpr.eqns if e.primitive.name == "dot_general"]
-    assert len(dots) == 2 and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+
+def _dot_operand_dtypes(jaxpr) -> list:
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(tuple(v.aval.dtype for v in eqn.invars))
+        for sub in _inner_jaxprs(eqn):
+            found += _dot_operand_dtypes(sub)
+    return found
 
 
 @pytest.mark.parametrize("impl", ["einsum", "dot_product_attention"])
