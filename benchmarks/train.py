@@ -243,6 +243,33 @@ def phase_rates(config: LlamaConfig, params, batch) -> dict[str, float]:
     return rates
 
 
+def top_kernels(trace_dir: str, top: int = 25) -> None:
+    """Sums device time per name in the Perfetto trace jax.profiler wrote, per kind of device thread (CUDA
+    streams: kernels; "XLA Ops": HLO ops), and prints the largest."""
+    import collections
+    import gzip
+    import json
+
+    path = sorted(Path(trace_dir).rglob("perfetto_trace.json.gz"))[-1]
+    events = json.loads(gzip.open(path).read())
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    device_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+                   and "/device:" in str(e.get("args", {}).get("name", ""))}
+    threads = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in device_pids}
+    totals = collections.defaultdict(collections.Counter)
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in device_pids:
+            kind = "stream" if threads.get((e["pid"], e.get("tid")), "").startswith("Stream") else \
+                threads.get((e["pid"], e.get("tid")), "?")
+            totals[kind][e["name"][:100]] += e.get("dur", 0)
+    for kind, counter in totals.items():
+        whole = sum(counter.values()) or 1
+        print(f"\ndevice time on {kind!r} threads: {whole / 1e3:.1f} ms")
+        for name, us in counter.most_common(top):
+            print(f"{100 * us / whole:5.1f}%  {us / 1e3:8.2f} ms  {name}")
+
+
 def gpu_benchmark(args) -> None:
     devices = jax.devices()
     if devices[0].platform != "gpu" and not args.allow_cpu:
@@ -267,6 +294,10 @@ def gpu_benchmark(args) -> None:
         try:
             run = jax_trainer(config.replace(remat_policy=remat), tc, params, batch)
             run(2)  # compile + warm up
+            if args.profile:
+                with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+                    run(args.steps)
+                top_kernels(args.profile)
             times = []
             for _ in range(args.rounds):
                 t = time.perf_counter()
@@ -311,6 +342,9 @@ def main() -> None:
     p.add_argument("--allow-cpu", action="store_true", help="--gpu: run even without a GPU (a dry run of the code)")
     p.add_argument("--breakdown", action="store_true",
                    help="--gpu: also time the forward pass and forward + backward of the first --remat alone")
+    p.add_argument("--profile", metavar="DIR",
+                   help="--gpu: trace --steps steps of each variant with jax.profiler into DIR and print the "
+                        "kernels that take the most device time")
     p.add_argument("--gpu-peer", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--peer-checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
