@@ -157,6 +157,7 @@ def torch_gpu_peer(args) -> None:
     from hf_reference import hf_config
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # noqa: E731 - CPU dry runs
     hf = hf_config(gpu_config(args))
     hf._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -173,10 +174,10 @@ def torch_gpu_peer(args) -> None:
             model.generate(ids, **{**kw, "max_new_tokens": 4, "min_new_tokens": 4})  # lazy initialisation
             best = float("inf")
             for _ in range(args.rounds):
-                torch.cuda.synchronize() if device == "cuda" else None
+                sync()
                 t = time.perf_counter()
                 model.generate(ids, **kw)
-                torch.cuda.synchronize() if device == "cuda" else None
+                sync()
                 best = min(best, time.perf_counter() - t)
         print(f"PEER {batch} {batch * args.new_tokens / best}", flush=True)
 

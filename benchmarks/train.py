@@ -165,6 +165,7 @@ def torch_gpu_peer(args) -> None:
 
     config = gpu_config(args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # noqa: E731 - CPU dry runs
     hf = hf_config(config)
     hf._attn_implementation = "sdpa"
     torch.manual_seed(0)
@@ -191,11 +192,11 @@ def torch_gpu_peer(args) -> None:
     step()
     times = []
     for _ in range(args.rounds):
-        torch.cuda.synchronize() if device == "cuda" else None
+        sync()
         t = time.perf_counter()
         for _ in range(args.steps):
             step()
-        torch.cuda.synchronize() if device == "cuda" else None
+        sync()
         times.append((time.perf_counter() - t) / args.steps)
     print(f"PEER {args.batch * args.seq_len / statistics.median(times)} torch {torch.__version__}, "
           f"transformers {transformers.__version__}, {note}", flush=True)

@@ -309,8 +309,8 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array | None = Non
         raise ValueError("forward: positions are required with a cache (they say where the tokens go)")
     if not config.scan_layers and "layers" in params:
         params = unstack_layers(params, config.n_layers)
-    # fp32 compute is Meta's fp32 arithmetic: XLA on NVIDIA GPUs otherwise rounds fp32 matmul inputs to TF32
-    # (1e-3 relative error; torch's matmuls do not), which a bf16-or-fp32 choice should not hide.
-    exact = jax.default_matmul_precision("highest") if config.compute_dtype == jnp.float32 else contextlib.nullcontext()
-    with exact:
+    # fp32 compute means Meta's fp32 arithmetic. On NVIDIA GPUs XLA otherwise rounds fp32 matmul inputs to TF32
+    # (1e-3 relative error on an H100; torch's matmuls do not).
+    fp32 = config.compute_dtype == jnp.float32
+    with jax.default_matmul_precision("highest") if fp32 else contextlib.nullcontext():
         return Llama(config).apply({"params": params}, tokens, positions, cache)
