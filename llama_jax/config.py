@@ -138,7 +138,7 @@ class LlamaConfig:
 
     @classmethod
     def load_json(cls, path: str | Path) -> "LlamaConfig":
-        return cls.from_dict(_read_json(path))
+        return cls.from_dict(read_json_object(path))
 
     @classmethod
     def from_params_json(cls, path: str | Path, *, vocab_size: int | None = None, family: str | None = None,
@@ -148,7 +148,7 @@ class LlamaConfig:
         `vocab_size` is needed for Llama 2, whose params.json says -1 (the tokenizer decides); `family`
         ("llama3.1" / "llama3.2") picks the rope scaling factor where `dim` alone would guess wrong.
         """
-        params = _read_json(path)
+        params = read_json_object(path)
         known = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                  "norm_eps", "rope_theta", "use_scaled_rope", "max_seq_len"}
         fields = {k: v for k, v in params.items() if k in known}
@@ -178,16 +178,17 @@ def _check_family(family: str) -> str:
     return family
 
 
-def _read_json(path: str | Path) -> dict[str, Any]:
+def read_json_object(path: str | Path, error: type[Exception] = ConfigError) -> dict[str, Any]:
+    """A JSON object from a model config file (config.json, params.json); bad input raises `error`, one line."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: file not found (expected a JSON model config)")
+        raise error(f"{path}: file not found (expected a JSON model config)")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        raise error(f"{path}: not valid JSON ({e})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from llama_jax.config import read_json_object
 
 
 class ConvertError(ValueError):
@@ -17,11 +18,5 @@ def one_line(e: BaseException, limit: int = 200) -> str:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object (every config file we read is one)."""
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConvertError(f"{path}: not valid JSON ({one_line(e, 80)})") from None
-    if not isinstance(data, dict):
-        raise ConvertError(f"{path}: expected a JSON object")
-    return data
+    """A JSON object (every config file we read is one); bad input is a ConvertError."""
+    return read_json_object(path, ConvertError)
