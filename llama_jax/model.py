@@ -26,24 +26,49 @@ _MASKED = -1e30
 
 
 class KVCache(NamedTuple):
-    """Preallocated attention cache shared by all layers.
+    """Preallocated attention cache.
 
-    k, v: [layers, batch, max_len, kv_heads, head_dim]; positions: [batch, max_len], -1 marks an empty or
-    padding slot; index: the slot the next token is written to (the same for every row: ragged prompts are
-    left-padded so rows stay aligned).
+    k, v: per layer [batch, kv_heads, max_len, head_dim] (heads before slots, so a decode step's attention reads
+    each head's keys as one contiguous matrix); a tuple of n_layers such arrays for the unrolled model, one array
+    stacked on a leading layers axis when the layers run under `nn.scan` (which indexes them with a traced layer).
+    Separate arrays matter on XLA:CPU: a layer's slice of a stacked array is copied before every product that
+    reads it, which made decoding at batch 8 several times slower. positions: [batch, max_len], -1 marks an
+    empty or padding slot; index: the slot the next token is written to (the same for every row: ragged prompts
+    are left-padded so rows stay aligned).
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     positions: jax.Array
     index: jax.Array
 
+    def layer(self, layer) -> tuple[jax.Array, jax.Array]:
+        return self.k[layer], self.v[layer]
+
+    def write(self, layer, k, v) -> "KVCache":
+        """Stores k, v ([batch, kv_heads, seq, head_dim]) of `layer` at slots index..index+seq-1."""
+        if isinstance(self.k, tuple):
+            def put(per_layer, new):
+                updated = jax.lax.dynamic_update_slice(per_layer[layer], new.astype(per_layer[layer].dtype),
+                                                       (0, 0, self.index, 0))
+                return per_layer[:layer] + (updated,) + per_layer[layer + 1:]
+        else:
+            def put(stacked, new):
+                return jax.lax.dynamic_update_slice(stacked, new.astype(stacked.dtype)[None],
+                                                    (layer, 0, 0, self.index, 0))
+        return self._replace(k=put(self.k, k), v=put(self.v, v))
+
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    shape = (config.n_layers, batch, max_len, config.kv_heads, config.head_dim)
+    """An empty cache, laid out for `config.scan_layers` (stacked) or the unrolled layers (a tuple)."""
+    shape = (batch, config.kv_heads, max_len, config.head_dim)
     dtype = dtype or config.compute_dtype
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-                   positions=jnp.full((batch, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
+    if config.scan_layers:
+        k, v = jnp.zeros((config.n_layers, *shape), dtype), jnp.zeros((config.n_layers, *shape), dtype)
+    else:
+        k = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
+        v = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
+    return KVCache(k=k, v=v, positions=jnp.full((batch, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
 
 
 # --- building blocks -----------------------------------------------------------------------------------------
@@ -95,6 +120,44 @@ def apply_rope(x, positions, freqs):
     return rotated.reshape(x.shape).astype(x.dtype)
 
 
+def dense(x, w, n_in: int = 1):
+    """x [*batch, *in] times w [*in, *out], contracting the n_in trailing axes of x: every weight product.
+
+    On a CPU the weight gradient is computed from an explicitly transposed x. Autodiff's form contracts the
+    leading (batch) axes of x and of the output gradient, which XLA:CPU's YNNPACK dots do not take: XLA then
+    transposes the larger output gradient and runs the product on Eigen: the forward + backward pass of
+    small-100m (2 x 256 tokens) took about 3.5 s against 2.9 s.
+    """
+    if jax.default_backend() == "cpu":
+        return _dense_canonical_grads(x, w, n_in)
+    return jnp.tensordot(x, w, n_in)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _dense_canonical_grads(x, w, n_in):
+    return jnp.tensordot(x, w, n_in)
+
+
+def _dense_fwd(x, w, n_in):
+    return jnp.tensordot(x, w, n_in), (x, w)
+
+
+def _dense_bwd(n_in, residuals, dy):
+    x, w = residuals
+    batch_axes = tuple(range(x.ndim - n_in))
+    # Traced outside forward()'s precision scope: state its rule (fp32 compute means fp32 products) here.
+    precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    dx = jnp.tensordot(dy, w, (tuple(range(len(batch_axes), dy.ndim)), tuple(range(n_in, w.ndim))),
+                       precision=precision)
+    # x as [*in, *batch]; the barrier keeps XLA from folding the transpose back into the product.
+    x_t = jax.lax.optimization_barrier(jnp.moveaxis(x, batch_axes, tuple(range(-len(batch_axes), 0))))
+    dw = jnp.tensordot(x_t, dy, (tuple(range(n_in, x.ndim)), batch_axes), precision=precision)
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+_dense_canonical_grads.defvjp(_dense_fwd, _dense_bwd)
+
+
 def default_attention_impl(backend: str | None = None) -> str:
     """The fused kernel path on GPU, the plain einsum (reference) path elsewhere."""
     backend = backend or jax.default_backend()
@@ -109,15 +172,18 @@ def _fused_kernel_applies(q, mask) -> bool:
             and jax.default_backend() == "gpu")
 
 
-def attention(q, k, v, mask, impl: str = "einsum"):
+def attention(q, k, v, mask, impl: str = "einsum", heads_first: bool = False):
     """Grouped-query attention without materialising repeated K/V.
 
-    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim]; mask: [batch, q_len, kv_len],
-    or None for the plain causal mask of a full sequence (query i sees keys 0..i).
+    q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim], or with heads_first
+    [batch, kv_heads, kv_len, head_dim] (the cache's layout); mask: [batch, q_len, kv_len], or None for the
+    plain causal mask of a full sequence (query i sees keys 0..i).
     """
     b, t, h, d = q.shape
-    kv_heads = k.shape[2]
-    if impl == "dot_product_attention":
+    kv_heads = k.shape[1 if heads_first else 2]
+    # The cache's heads-first layout always takes the einsum path: jax.nn's non-fused path builds the same
+    # products, and would first transpose the cache to its [batch, len, heads, dim] layout.
+    if impl == "dot_product_attention" and not heads_first:
         if _fused_kernel_applies(q, mask):
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
         # jax.nn's own XLA lowering (what implementation=None picks): any mask, any dtype, any backend.
@@ -125,13 +191,19 @@ def attention(q, k, v, mask, impl: str = "einsum"):
             return jax.nn.dot_product_attention(q, k, v, is_causal=True)
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
     if mask is None:
-        mask = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
-    q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+        mask = jnp.tril(jnp.ones((t, t), bool))[None]  # the same for every row: broadcast, not materialised
+    rep = h // kv_heads
+    # Each kv head serves `rep` query heads. Without sharing (rep 1) the products stay 4-D: XLA:CPU ran the
+    # 5-D form with its unit axis 1.8x slower in the forward pass (small-100m's attention, 2 x 256 tokens).
+    heads = "g" if rep == 1 else "gr"
+    if rep > 1:
+        q = q.reshape(b, t, kv_heads, rep, d)
+    kv = "bgsd" if heads_first else "bsgd"
     # As Meta: scores in the compute dtype, softmax in fp32 (`F.softmax(scores.float(), dim=-1).type_as(xq)`).
-    scores = (jnp.einsum("btgrd,bsgd->bgrts", q, k) / math.sqrt(d)).astype(jnp.float32)
-    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+    scores = (jnp.einsum(f"bt{heads}d,{kv}->b{heads}ts", q, k) / math.sqrt(d)).astype(jnp.float32)
+    scores = jnp.where(mask.reshape(mask.shape[0], *(1,) * len(heads), *mask.shape[1:]), scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bgrts,bsgd->btgrd", probs, v)
+    out = jnp.einsum(f"b{heads}ts,{kv}->bt{heads}d", probs, v)
     return out.reshape(b, t, h, d)
 
 
@@ -151,9 +223,7 @@ class Attention(nn.Module):
         wv = _param(self, "wv", (cfg.dim, cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), init, cfg)
         wo = _param(self, "wo", (cfg.n_heads, cfg.head_dim, cfg.dim), ("q_heads", "head_dim", "embed"), init, cfg)
 
-        q = jnp.einsum("btd,dhk->bthk", x, wq.astype(dt))
-        k = jnp.einsum("btd,dhk->bthk", x, wk.astype(dt))
-        v = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
+        q, k, v = dense(x, wq.astype(dt)), dense(x, wk.astype(dt)), dense(x, wv.astype(dt))
         freqs = rope_frequencies(cfg)
         q, k = apply_rope(q, positions, freqs), apply_rope(k, positions, freqs)
         q = nn.with_logical_constraint(q, ("batch", "length", "q_heads", "head_dim"))
@@ -163,11 +233,8 @@ class Attention(nn.Module):
             key_positions = positions
             query_slots = jnp.arange(t)
         else:
-            start = (0, cache.index, 0, 0)
-            cache = cache._replace(
-                k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype)[None], (layer, *start)),
-                v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype)[None], (layer, *start)))
-            k, v = cache.k[layer].astype(dt), cache.v[layer].astype(dt)
+            cache = cache.write(layer, k.swapaxes(1, 2), v.swapaxes(1, 2))
+            k, v = (a.astype(dt) for a in cache.layer(layer))
             key_positions = cache.positions  # already holds this call's positions (see Llama.__call__)
             query_slots = cache.index + jnp.arange(t)
         if self.plain_causal:
@@ -176,8 +243,8 @@ class Attention(nn.Module):
             key_slots = jnp.arange(key_positions.shape[1])
             # Causal in slot order, and never attend to empty or padding slots (position -1).
             mask = (key_slots[None, None, :] <= query_slots[None, :, None]) & (key_positions[:, None, :] >= 0)
-        out = attention(q, k, v, mask, cfg.attention_impl)
-        return jnp.einsum("bthk,hkd->btd", out, wo.astype(dt)), cache
+        out = attention(q, k, v, mask, cfg.attention_impl, heads_first=cache is not None)
+        return dense(out, wo.astype(dt), n_in=2), cache
 
 
 class FeedForward(nn.Module):
@@ -191,9 +258,9 @@ class FeedForward(nn.Module):
         w1 = _param(self, "w1", (cfg.dim, cfg.hidden_dim), ("embed", "mlp"), init, cfg)
         w3 = _param(self, "w3", (cfg.dim, cfg.hidden_dim), ("embed", "mlp"), init, cfg)
         w2 = _param(self, "w2", (cfg.hidden_dim, cfg.dim), ("mlp", "embed"), init, cfg)
-        gate = jax.nn.silu(x @ w1.astype(dt)) * (x @ w3.astype(dt))
+        gate = jax.nn.silu(dense(x, w1.astype(dt))) * dense(x, w3.astype(dt))
         gate = nn.with_logical_constraint(gate, ("batch", "length", "mlp"))
-        return gate @ w2.astype(dt)
+        return dense(gate, w2.astype(dt))
 
 
 class Block(nn.Module):
@@ -260,7 +327,7 @@ class Llama(nn.Module):
         # Meta's `self.output(h).float()`: the product in the compute dtype, then fp32. Training reads these
         # logits several times (logsumexp, its gradient): bf16 halves that traffic, and the backward products
         # stay bf16 x bf16, where an fp32 cotangent would make them fp32 matmuls on a GPU.
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(cfg.compute_dtype)).astype(jnp.float32)
+        logits = dense(x, head.astype(cfg.compute_dtype)).astype(jnp.float32)
         if cache is not None:
             cache = cache._replace(index=cache.index + tokens.shape[1])
         return logits, cache
