@@ -226,8 +226,8 @@ class Generator:
     def _decode(self, state, until: int, dyn, sampling: SamplingParams) -> DecodeState:
         args = (self.params, state, jnp.int32(until), *dyn)
         static = dict(config=self.config, sampling=sampling.static_key())
-        run = self._compiled(("decode", state.tokens.shape, state.cache.positions.shape, static["sampling"]), decode, args,
-                             static)
+        key = ("decode", state.tokens.shape, state.cache.positions.shape, static["sampling"])
+        run = self._compiled(key, decode, args, static)
         return run(*args)
 
     def _compiled(self, key, fn, args, static):

@@ -181,6 +181,27 @@ def test_bad_inputs_raise_generation_error(gen, prompts, kw, match):
         gen.generate(prompts, **kw)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the compiler options are XLA:CPU's")
+def test_cpu_compiler_options_reach_the_compiled_decode_loop(gen):
+    gen.generate([list(PROMPTS[0])], max_new_tokens=4)
+    decode = [exe for key, exe in gen.executables.items() if key[0] == "decode"]
+    assert decode and all("ynn_fusion" not in exe.as_text() for exe in decode)  # YNNPACK's dots are off
+    plain = Generator(PARAMS, CONFIG, compiler_options={})
+    plain.generate([list(PROMPTS[0])], max_new_tokens=4)
+    # Without the options this jaxlib does use YNNPACK here, so the check above is not vacuous.
+    assert any("ynn_fusion" in exe.as_text() for key, exe in plain.executables.items() if key[0] == "decode")
+    assert plain.generate([list(PROMPTS[0])], max_new_tokens=4).tokens == gen.generate([list(PROMPTS[0])],
+                                                                                        max_new_tokens=4).tokens
+
+
+def test_unknown_compiler_option_falls_back_to_defaults():
+    # A jaxlib that does not know an option (they are experimental) must still generate.
+    odd = Generator(PARAMS, CONFIG, compiler_options={"xla_no_such_option_here": ""})
+    out = odd.generate([list(PROMPTS[1])], max_new_tokens=N_NEW)
+    assert tuple(out.tokens[0]) == uncached_greedy(tuple(PROMPTS[1]), N_NEW)
+    assert odd.compiler_options == {}
+
+
 def test_default_attention_impl_per_backend():
     assert default_attention_impl("gpu") == "dot_product_attention"
     assert default_attention_impl("cpu") == "einsum"
