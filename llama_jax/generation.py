@@ -147,7 +147,9 @@ def _sample(logits, key, step, sampling: tuple, temperature, top_p):
 class Generator:
     """Holds the parameters (laid out for decoding) and serves generate / stream calls.
 
-    attention_impl: None picks per backend (fused dot_product_attention on GPU, einsum elsewhere).
+    attention_impl: stored in the config (None: the backend's default), but every compiled call here reads the
+    KV cache, and attention over the cache always takes the einsum path (model.attention), so it does not
+    change what generation computes.
     scan_layers: False (default) unstacks the layers once here and unrolls them in the compiled functions.
     Under a scan the weights of each layer are sliced out of the stacked arrays at every step, which XLA:CPU
     materialises as a copy: measured 2.2x slower decoding at batch 1 for small-100m. Unrolling costs compile
