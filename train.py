@@ -43,7 +43,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fine-tune a model folder (e.g. a converted Meta checkpoint)")
     m.add_argument("--dtype", help="compute dtype: float32 or bfloat16 (default: bfloat16 on GPU/TPU, float32 on CPU)")
     m.add_argument("--param-dtype", help="parameter (master weight) dtype (default: float32)")
-    m.add_argument("--remat", dest="remat_policy", help="activation checkpointing: none, full, dots, dots_no_batch")
+    m.add_argument("--remat", dest="remat_policy",
+                   help="activation checkpointing: none, full, dots, dots_no_batch, or dots_attention (dots_no_batch "
+                        "that also keeps the fused attention's output: the fastest on a GPU)")
     m.add_argument("--attention-impl", help="einsum or dot_product_attention (cuDNN flash attention on GPU); "
                    "default: dot_product_attention on GPU, einsum elsewhere")
     m.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

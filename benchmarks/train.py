@@ -38,7 +38,8 @@ from llama_jax.config import LlamaConfig, preset  # noqa: E402
 
 
 def jax_trainer(config: LlamaConfig, tc: T.TrainConfig, params, batch):
-    """A step closure over our train state (1-device mesh, donated state, like train.py)."""
+    """A step closure over our train state (1-device mesh, donated state, like train.py). The batch's rows are
+    split into tc.grad_accum micro-batches, as train.py does."""
     opt = T.make_optimizer(tc)
     mesh = sh.make_mesh(sh.MeshShape(1, 1, 1))
     shardings = T.state_shardings(config, opt, mesh)
@@ -48,7 +49,7 @@ def jax_trainer(config: LlamaConfig, tc: T.TrainConfig, params, batch):
         step = jax.jit(T.train_step_fn(config, opt, T.lr_schedule(tc), shardings["params"]),
                        in_shardings=(shardings, bsh, bsh, bsh), out_shardings=(shardings, sh.replicated(mesh)),
                        donate_argnums=0)
-    inputs = [jax.device_put(jnp.asarray(x[None]), bsh) for x in batch]
+    inputs = [jax.device_put(jnp.asarray(x.reshape(tc.grad_accum, -1, x.shape[-1])), bsh) for x in batch]
     holder = {"state": state}
 
     def run(n: int) -> float:
@@ -276,10 +277,11 @@ def gpu_benchmark(args) -> None:
     if devices[0].platform != "gpu" and not args.allow_cpu:
         raise SystemExit(f"error: --gpu needs a GPU; jax sees {devices[0].platform}")
     config = gpu_config(args)
-    tokens = args.batch * args.seq_len
+    tokens = args.grad_accum * args.batch * args.seq_len
     peak, peak_note = T.peak_flops(devices[:1])
     flops = T.flops_per_token(config, args.seq_len)
-    print(f"{args.gpu_preset} shape ({config.num_params() / 1e9:.2f}B params), batch {args.batch} x {args.seq_len}, "
+    print(f"{args.gpu_preset} shape ({config.num_params() / 1e9:.2f}B params), {args.grad_accum} micro-batch(es) of "
+          f"{args.batch} x {args.seq_len} per step, "
           f"bf16 compute, fp32 master weights and AdamW; jax {jax.__version__} on {devices[0].device_kind}; "
           f"peak {peak_note}", flush=True)
     rows = []
@@ -288,7 +290,7 @@ def gpu_benchmark(args) -> None:
         rows.append((f"HF transformers + torch AdamW ({note})", rate))
         print(f"peer: {rate:,.0f} tok/s ({note})", flush=True)
     tc = T.TrainConfig(run_dir="-", data="-", steps=1000, warmup_steps=0, lr=3e-4, grad_accum=args.grad_accum)
-    batch = make_batch(config, args.batch, args.seq_len)
+    batch = make_batch(config, args.grad_accum * args.batch, args.seq_len)
     params = random_params(config)
     for remat in args.remat:
         name = f"llama_jax (remat={remat}, cuDNN attention)"
@@ -320,7 +322,8 @@ def gpu_benchmark(args) -> None:
         print(f"| {name} | {rate:,.0f} | {100 * rate * flops / peak:.1f}% | {rate / peer:.2f}x |")
     if args.breakdown:
         # Forward FLOPs are a third of the step's (2N of 6N per token), backward two thirds.
-        phases = phase_rates(config.replace(remat_policy=args.remat[0]), params, batch)
+        micro = [x[:args.batch] for x in batch]
+        phases = phase_rates(config.replace(remat_policy=args.remat[0]), params, micro)
         print()
         print(f"| phase (remat={args.remat[0]}) | tokens/s | MFU of that phase |")
         print("| --- | ---: | ---: |")
@@ -335,9 +338,10 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 256 / 2048 with --gpu)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per round (default: 2)")
     p.add_argument("--rounds", type=int, default=3, help="alternating timing rounds (default: 3)")
-    p.add_argument("--grad-accum", type=int, default=1, help="--gpu: micro-batches per step (default: 1)")
-    p.add_argument("--remat", nargs="+", default=["dots_no_batch"],
-                   help="--gpu: remat policies to time, one row each (default: dots_no_batch)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="--gpu: micro-batches of --batch rows per optimizer step (default: 1)")
+    p.add_argument("--remat", nargs="+", default=["dots_attention"],
+                   help="--gpu: remat policies to time, one row each (default: dots_attention)")
     p.add_argument("--gpu-preset", default="llama3.2-1b", help="--gpu: the model shape (default: llama3.2-1b)")
     p.add_argument("--no-peer", action="store_true", help="--gpu: skip the HF + torch row")
     p.add_argument("--allow-cpu", action="store_true", help="--gpu: run even without a GPU (a dry run of the code)")

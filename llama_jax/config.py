@@ -37,7 +37,7 @@ _LLAMA32_DIMS = (2048, 3072)
 DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
           "float16": jnp.float16, "fp16": jnp.float16}
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_attention")
 ATTENTION_IMPLS = ("einsum", "dot_product_attention")
 
 

@@ -155,7 +155,7 @@ def test_scanned_and_unrolled_layers_agree():
     np.testing.assert_allclose(np.asarray(scanned), np.asarray(unrolled), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "dots_attention"])
 def test_remat_policies_keep_loss_and_gradients(policy):
     config = CASES["gqa"]
     params = init_params(config, jax.random.key(0))
@@ -279,6 +279,31 @@ def test_cudnn_fused_attention_on_gpu_matches_fp32_reference():
     for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_einsum)):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert np.linalg.norm(a - b) <= 5e-2 * np.linalg.norm(b)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN fused attention needs a GPU (CI has none)")
+def test_dots_attention_policy_saves_the_cudnn_forward_pass():
+    import re
+
+    config = LlamaConfig(dim=512, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=64,
+                         max_seq_len=512, dtype="bfloat16", attention_impl="dot_product_attention")
+    params = init_params(config, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 256), 0, config.vocab_size)
+
+    def grad_and_kernels(policy):
+        loss = lambda p: jnp.mean(jax.nn.logsumexp(  # noqa: E731
+            forward(p, tokens, config=config.replace(remat_policy=policy))[0], -1))
+        hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+        return jax.grad(loss)(params), re.findall(r'custom_call_target="(__cudnn\$fmha\w*)"', hlo)
+
+    g_saved, kernels_saved = grad_and_kernels("dots_attention")
+    g_recomputed, kernels_recomputed = grad_and_kernels("dots_no_batch")
+    forwards = lambda names: [n for n in names if "Backward" not in n]  # noqa: E731
+    # The scanned layer body holds one forward kernel; recomputation puts a second one in the backward loop.
+    assert len(forwards(kernels_recomputed)) == 2, kernels_recomputed
+    assert len(forwards(kernels_saved)) == 1, kernels_saved
+    for a, b in zip(jax.tree.leaves(g_saved), jax.tree.leaves(g_recomputed)):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-6)
 
 
 @pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
