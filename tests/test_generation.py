@@ -14,8 +14,7 @@ import pytest
 
 from hf_reference import random_meta_state
 from llama_jax.config import preset
-from llama_jax.generation import (TRACE_COUNTS, GenerationError, Generator, IncrementalDecoder,
-                                  default_attention_impl, fit_dialog)
+from llama_jax.generation import TRACE_COUNTS, GenerationError, Generator, IncrementalDecoder, fit_dialog
 from llama_jax.meta_weights import params_from_meta
 from llama_jax.model import forward
 from llama_jax.sampling import SamplingParams
@@ -59,15 +58,10 @@ def gen():
 
 # --- correctness of the cached loop --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("layout", [
-    "default",
-    pytest.param("scan", marks=pytest.mark.slow),
-    pytest.param("dot_product_attention", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize("layout", ["default", pytest.param("scan", marks=pytest.mark.slow)])
 def test_cached_greedy_equals_uncached_recompute(layout, gen):
-    if layout != "default":
-        kw = {"scan": dict(scan_layers=True), "dot_product_attention": dict(attention_impl=layout)}[layout]
-        gen = Generator(PARAMS, CONFIG, **kw)
+    if layout == "scan":
+        gen = Generator(PARAMS, CONFIG, scan_layers=True)
     out = gen.generate(list(PROMPTS), max_new_tokens=N_NEW)
     for i, prompt in enumerate(PROMPTS):
         assert tuple(out.tokens[i]) == uncached_greedy(tuple(prompt), N_NEW), f"row {i} ({layout})"
@@ -200,12 +194,6 @@ def test_unknown_compiler_option_falls_back_to_defaults():
     out = odd.generate([list(PROMPTS[1])], max_new_tokens=N_NEW)
     assert tuple(out.tokens[0]) == uncached_greedy(tuple(PROMPTS[1]), N_NEW)
     assert odd.compiler_options == {}
-
-
-def test_default_attention_impl_per_backend():
-    assert default_attention_impl("gpu") == "dot_product_attention"
-    assert default_attention_impl("cpu") == "einsum"
-    assert Generator(PARAMS, CONFIG).config.attention_impl == default_attention_impl(jax.default_backend())
 
 
 @needs_llama2_tokenizer

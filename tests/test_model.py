@@ -174,6 +174,13 @@ def test_remat_policies_keep_loss_and_gradients(policy):
                  reference, remat)
 
 
+def test_default_attention_impl_per_backend():
+    from llama_jax.model import default_attention_impl
+
+    assert default_attention_impl("gpu") == "dot_product_attention"
+    assert default_attention_impl("cpu") == "einsum"
+
+
 def test_dot_product_attention_path_matches_einsum():
     config, state, params, tokens, positions = _setup("gqa")
     einsum = forward(params, jnp.asarray(tokens), jnp.asarray(positions), config=config)[0]
