@@ -54,6 +54,18 @@ def test_full_sequence_matches_hf(name):
     assert_logits_close(logits, _hf(state, config, tokens, positions))
 
 
+@pytest.mark.parametrize("name,seq", [("llama2-mha", 256), ("gqa", 192), ("llama3.2-tied", 128), ("gqa", 100)])
+def test_plain_causal_sequence_matches_hf(name, seq):
+    # Training's path: no positions, so the plain causal mask, which the einsum path computes in blocks of
+    # query rows from 128 tokens on (4, 3 and 2 blocks here; 100 tokens: one block).
+    config = CASES[name].replace(max_seq_len=max(CASES[name].max_seq_len, seq))
+    state = random_meta_state(config, 0)
+    params = jax.tree.map(jnp.asarray, params_from_meta({k: v.numpy() for k, v in state.items()}, config))
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, seq))
+    logits = forward(params, jnp.asarray(tokens), config=config)[0]
+    assert_logits_close(logits, _hf(state, config, tokens, np.broadcast_to(np.arange(seq), tokens.shape)))
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_token_by_token_with_cache_matches_hf(name):
     config, state, params, tokens, positions = _setup(name, seed=1)
