@@ -311,7 +311,8 @@ def _save_dots_and_fused_attention(prim, *avals, **params) -> bool:
     """dots_no_batch, plus the output and softmax statistics of cuDNN's attention forward pass: a custom call,
     which no dots policy saves, so that kernel would otherwise run again in the backward pass. Costs one more
     activation of `dim` values per token and layer (4 MiB per 1k tokens and layer for a bf16 1B model).
-    Elsewhere (the einsum path, a CPU) it is dots_no_batch."""
+    Elsewhere (the einsum path, a CPU) it is dots_no_batch. The primitive's name is JAX's own, not public API:
+    a GPU test checks that the policy still keeps the kernel from running twice."""
     return (prim.name == "dot_product_attention_fwd_wrapper"
             or jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *avals, **params))
 

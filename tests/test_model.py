@@ -309,18 +309,19 @@ def test_dots_attention_policy_saves_the_cudnn_forward_pass():
     params = init_params(config, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 256), 0, config.vocab_size)
 
-    def grad_and_kernels(policy):
-        loss = lambda p: jnp.mean(jax.nn.logsumexp(  # noqa: E731
-            forward(p, tokens, config=config.replace(remat_policy=policy))[0], -1))
-        hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
-        return jax.grad(loss)(params), re.findall(r'custom_call_target="(__cudnn\$fmha\w*)"', hlo)
+    def grad_and_forward_kernels(policy):
+        def loss(p):
+            return jnp.mean(jax.nn.logsumexp(forward(p, tokens, config=config.replace(remat_policy=policy))[0], -1))
 
-    g_saved, kernels_saved = grad_and_kernels("dots_attention")
-    g_recomputed, kernels_recomputed = grad_and_kernels("dots_no_batch")
-    forwards = lambda names: [n for n in names if "Backward" not in n]  # noqa: E731
+        hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+        kernels = re.findall(r'custom_call_target="(__cudnn\$fmha\w*)"', hlo)
+        return jax.grad(loss)(params), [k for k in kernels if "Backward" not in k]
+
+    g_saved, forwards_saved = grad_and_forward_kernels("dots_attention")
+    g_recomputed, forwards_recomputed = grad_and_forward_kernels("dots_no_batch")
     # The scanned layer body holds one forward kernel; recomputation puts a second one in the backward loop.
-    assert len(forwards(kernels_recomputed)) == 2, kernels_recomputed
-    assert len(forwards(kernels_saved)) == 1, kernels_saved
+    assert len(forwards_recomputed) == 2, forwards_recomputed
+    assert len(forwards_saved) == 1, forwards_saved
     for a, b in zip(jax.tree.leaves(g_saved), jax.tree.leaves(g_recomputed)):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-6)
 
