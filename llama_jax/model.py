@@ -172,12 +172,13 @@ def _fused_kernel_applies(q, mask) -> bool:
             and jax.default_backend() == "gpu")
 
 
-def attention(q, k, v, mask, impl: str = "einsum", heads_first: bool = False):
+def attention(q, k, v, mask, impl: str = "einsum", heads_first: bool = False, filled=None):
     """Grouped-query attention without materialising repeated K/V.
 
     q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim], or with heads_first
     [batch, kv_heads, kv_len, head_dim] (the cache's layout); mask: [batch, q_len, kv_len], or None for the
-    plain causal mask of a full sequence (query i sees keys 0..i).
+    plain causal mask of a full sequence (query i sees keys 0..i). filled: with the cache, how many of its
+    slots are in use (every later slot is masked out).
     """
     # The cache's heads-first layout always takes the einsum path: jax.nn's non-fused path builds the same
     # products, and would first transpose the cache to its [batch, len, heads, dim] layout.
@@ -190,7 +191,44 @@ def attention(q, k, v, mask, impl: str = "einsum", heads_first: bool = False):
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
     if mask is None:
         return _causal_attention(q, k, v)
+    if heads_first and filled is not None and q.shape[1] == 1 and jax.default_backend() == "cpu":
+        return _decode_attention_windows(q, k, v, mask, filled)
     return _einsum_attention(q, k, v, mask, heads_first)
+
+
+def _decode_attention_windows(q, k, v, mask, filled):
+    """A decode step on a CPU reads only the cache's first n slots, n the smallest window that holds every
+    filled slot: windows every 1/8 of the cache up to half of it, then the whole cache.
+
+    The product runs elementwise (XLA fuses the window's slice into it, where a dot would first copy the
+    slice out); beyond half the cache that is slower than the dot over the whole cache. Every slot left out
+    is masked, so each result is unchanged. Attention of small-100m's 12 layers at batch 8 over a 272-slot
+    cache, averaged over a generation: 8.8 ms instead of 11.5 ms (throwaway script, XLA:CPU, 2 cores).
+    """
+    length = k.shape[2]
+    eighth = -(-length // 8)
+    windows = [n for n in range(eighth, length // 2 + 1, eighth)]
+    if not windows:
+        return _einsum_attention(q, k, v, mask, heads_first=True)
+    branches = [functools.partial(_elementwise_attention, slots=n) for n in windows]
+    branches.append(functools.partial(_einsum_attention, heads_first=True))
+    choice = sum((filled > n).astype(jnp.int32) for n in windows)
+    return jax.lax.switch(choice, branches, q, k, v, mask)
+
+
+def _elementwise_attention(q, k, v, mask, slots: int):
+    """One query row per sequence against the first `slots` of a heads-first cache, as multiply-and-sum
+    fusions. Products accumulate in fp32 and are rounded to the compute dtype where a dot's output would be."""
+    b, _, h, d = q.shape
+    kv_heads = k.shape[1]
+    k, v, mask = k[:, :, :slots], v[:, :, :slots], mask[:, 0, :slots]
+    q = q.reshape(b, kv_heads, h // kv_heads, 1, d).astype(jnp.float32)  # [b, g, r, 1, d]
+    scores = jnp.sum(q * k[:, :, None].astype(jnp.float32), axis=-1).astype(v.dtype)  # [b, g, r, slots]
+    scores = (scores / math.sqrt(d)).astype(jnp.float32)
+    scores = jnp.where(mask[:, None, None, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.sum(probs[..., None].astype(jnp.float32) * v[:, :, None].astype(jnp.float32), axis=3)
+    return out.astype(v.dtype).reshape(b, 1, h, d)
 
 
 # Query rows per block of the einsum path's plain causal attention (training and evaluation).
@@ -270,7 +308,8 @@ class Attention(nn.Module):
             key_slots = jnp.arange(key_positions.shape[1])
             # Causal in slot order, and never attend to empty or padding slots (position -1).
             mask = (key_slots[None, None, :] <= query_slots[None, :, None]) & (key_positions[:, None, :] >= 0)
-        out = attention(q, k, v, mask, cfg.attention_impl, heads_first=cache is not None)
+        out = attention(q, k, v, mask, cfg.attention_impl, heads_first=cache is not None,
+                        filled=None if cache is None else cache.index + t)
         return dense(out, wo.astype(dt), n_in=2), cache
 
 
