@@ -148,8 +148,9 @@ class Generator:
     """Holds the parameters (laid out for decoding) and serves generate / stream calls.
 
     Every compiled call reads the KV cache, and attention over the cache takes model.attention's einsum path on
-    every backend: on an H100 it decodes at 82% of the weight-streaming bound (README), where jax.nn's XLA path
-    would first transpose the cache, so there is no attention_impl to choose here.
+    every backend (on a CPU, decode steps read only the filled part while it is at most half the cache): on an
+    H100 it decodes at 82% of the weight-streaming bound (README), where jax.nn's XLA path would first transpose
+    the cache, so there is no attention_impl to choose here.
     scan_layers: False (default) unstacks the layers once here and unrolls them in the compiled functions.
     Under a scan the weights of each layer are sliced out of the stacked arrays at every step, which XLA:CPU
     materialises as a copy: measured 2.2x slower decoding at batch 1 for small-100m. Unrolling costs compile

@@ -203,11 +203,12 @@ def _decode_attention_windows(q, k, v, mask, filled):
     The product runs elementwise (XLA fuses the window's slice into it, where a dot would first copy the
     slice out); beyond half the cache that is slower than the dot over the whole cache. Every slot left out
     is masked, so each result is unchanged. Attention of small-100m's 12 layers at batch 8 over a 272-slot
-    cache, averaged over a generation: 8.8 ms instead of 11.5 ms (throwaway script, XLA:CPU, 2 cores).
+    cache, averaged over fills from 20 to 260 slots: 9.0 ms instead of 12.2 ms (throwaway script, XLA:CPU,
+    2 cores).
     """
     length = k.shape[2]
     eighth = -(-length // 8)
-    windows = [n for n in range(eighth, length // 2 + 1, eighth)]
+    windows = list(range(eighth, length // 2 + 1, eighth))
     if not windows:
         return _einsum_attention(q, k, v, mask, heads_first=True)
     branches = [functools.partial(_elementwise_attention, slots=n) for n in windows]
