@@ -10,6 +10,7 @@ eos id 2: HF's min_new_tokens forbids eos, so where ours picks it the two legiti
 
     python benchmarks/generate.py                         # tiny + small-100m, batch 1 and 8, 256 tokens (CPU)
     python benchmarks/generate.py --configs tiny-llama2 --new-tokens 64 --rounds 1
+    python benchmarks/generate.py --xla-dots              # the same without the packed CPU matmul kernel
     python benchmarks/generate.py --gpu                   # on a GPU: llama3-8b shape, bf16, batch 1 and 64
 
 --gpu reports decode tokens/s against the weight-streaming bound, HBM bandwidth (H100 SXM 3.35 TB/s by default)
@@ -42,6 +43,8 @@ def parse_args(argv=None):
                    help="run both sides on one thread (XLA: --xla_cpu_multi_thread_eigen=false, torch: "
                         "set_num_threads(1)); less sensitive to other processes on a shared machine")
     p.add_argument("--scan-layers", action="store_true", help="decode with the scanned layer stack (slower)")
+    p.add_argument("--xla-dots", action="store_true",
+                   help="CPU mode: multiply by the weights with XLA's dot, not the packed CPU kernel (slower)")
     p.add_argument("--gpu", action="store_true", help="GPU mode: llama3-8b-shaped bf16 random weights, no HF")
     p.add_argument("--gpu-preset", default="llama3-8b", help="with --gpu: the shape to use")
     p.add_argument("--hbm-tbps", type=float, default=3.35, help="with --gpu: memory bandwidth in TB/s (H100 SXM)")
@@ -116,8 +119,11 @@ def cpu_table(args):
         config = config.replace(max_seq_len=max(config.max_seq_len, args.prompt_len + args.new_tokens))
         state = random_meta_state(config, seed=0)
         params = jax.tree.map(jnp.asarray, params_from_meta({k: v.numpy() for k, v in state.items()}, config))
-        gen = Generator(params, config, scan_layers=args.scan_layers)
+        packed = False if args.xla_dots else None  # None: wherever the kernel applies
+        gen = Generator(params, config, scan_layers=args.scan_layers, packed_weights=packed)
         del params
+        print(f"{name}: weight products by " + ("the packed CPU kernel" if gen.config.packed_weights else
+                                                "XLA's dot"), flush=True)
         hf = hf_model_from_meta(state, config)
         del state
         rng = np.random.default_rng(0)

@@ -62,6 +62,9 @@ class LlamaConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str = "einsum"
+    # The projection weights (and an untied output head) hold packed_matmul.pack(w): the layout of the CPU
+    # decoding kernel, which the Generator sets up. fp32 only; such weights give no gradients.
+    packed_weights: bool = False
 
     def __post_init__(self):
         if self.dim <= 0 or self.n_layers <= 0 or self.n_heads <= 0 or self.vocab_size <= 0:
@@ -81,6 +84,8 @@ class LlamaConfig:
             raise ConfigError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
+        if self.packed_weights and DTYPES[self.dtype] != jnp.float32:
+            raise ConfigError(f"packed_weights needs dtype float32 (the packed kernel's), got {self.dtype!r}")
 
     def _shape(self) -> str:
         return f"dim={self.dim} n_layers={self.n_layers} n_heads={self.n_heads} vocab_size={self.vocab_size}"

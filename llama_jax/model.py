@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llama_jax import packed_matmul
 from llama_jax.config import LlamaConfig
 
 Params = Any
@@ -120,14 +121,21 @@ def apply_rope(x, positions, freqs):
     return rotated.reshape(x.shape).astype(x.dtype)
 
 
-def dense(x, w, n_in: int = 1):
+def dense(x, w, n_in: int = 1, packed: bool = False):
     """x [*batch, *in] times w [*in, *out], contracting the n_in trailing axes of x: every weight product.
+
+    packed: w holds packed_matmul.pack(w, n_in) (config.packed_weights, set by the Generator on a CPU), and the
+    product runs in that kernel: inference only, it has no gradient.
 
     On a CPU the weight gradient is computed from an explicitly transposed x. Autodiff's form contracts the
     leading (batch) axes of x and of the output gradient, which XLA:CPU's YNNPACK dots do not take: XLA then
     transposes the larger output gradient and runs the product on Eigen: the forward + backward pass of
     small-100m (2 x 256 tokens) took about 3.5 s against 2.9 s.
     """
+    if packed:
+        k, n = math.prod(w.shape[:n_in]), math.prod(w.shape[n_in:])
+        y = packed_matmul.matmul(x.reshape(-1, k), w.reshape(n // packed_matmul.STRIP, k, packed_matmul.STRIP))
+        return y.reshape(*x.shape[:x.ndim - n_in], *w.shape[n_in:])
     if jax.default_backend() == "cpu":
         return _dense_canonical_grads(x, w, n_in)
     return jnp.tensordot(x, w, n_in)
@@ -289,7 +297,8 @@ class Attention(nn.Module):
         wv = _param(self, "wv", (cfg.dim, cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), init, cfg)
         wo = _param(self, "wo", (cfg.n_heads, cfg.head_dim, cfg.dim), ("q_heads", "head_dim", "embed"), init, cfg)
 
-        q, k, v = dense(x, wq.astype(dt)), dense(x, wk.astype(dt)), dense(x, wv.astype(dt))
+        packed = cfg.packed_weights
+        q, k, v = (dense(x, w.astype(dt), packed=packed) for w in (wq, wk, wv))
         freqs = rope_frequencies(cfg)
         q, k = apply_rope(q, positions, freqs), apply_rope(k, positions, freqs)
         q = nn.with_logical_constraint(q, ("batch", "length", "q_heads", "head_dim"))
@@ -311,7 +320,7 @@ class Attention(nn.Module):
             mask = (key_slots[None, None, :] <= query_slots[None, :, None]) & (key_positions[:, None, :] >= 0)
         out = attention(q, k, v, mask, cfg.attention_impl, heads_first=cache is not None,
                         filled=None if cache is None else cache.index + t)
-        return dense(out, wo.astype(dt), n_in=2), cache
+        return dense(out, wo.astype(dt), n_in=2, packed=packed), cache
 
 
 class FeedForward(nn.Module):
@@ -325,9 +334,10 @@ class FeedForward(nn.Module):
         w1 = _param(self, "w1", (cfg.dim, cfg.hidden_dim), ("embed", "mlp"), init, cfg)
         w3 = _param(self, "w3", (cfg.dim, cfg.hidden_dim), ("embed", "mlp"), init, cfg)
         w2 = _param(self, "w2", (cfg.hidden_dim, cfg.dim), ("mlp", "embed"), init, cfg)
-        gate = jax.nn.silu(dense(x, w1.astype(dt))) * dense(x, w3.astype(dt))
+        packed = cfg.packed_weights
+        gate = jax.nn.silu(dense(x, w1.astype(dt), packed=packed)) * dense(x, w3.astype(dt), packed=packed)
         gate = nn.with_logical_constraint(gate, ("batch", "length", "mlp"))
-        return dense(gate, w2.astype(dt))
+        return dense(gate, w2.astype(dt), packed=packed)
 
 
 class Block(nn.Module):
@@ -405,7 +415,9 @@ class Llama(nn.Module):
         # Meta's `self.output(h).float()`: the product in the compute dtype, then fp32. Training reads these
         # logits several times (logsumexp, its gradient): bf16 halves that traffic, and the backward products
         # stay bf16 x bf16, where an fp32 cotangent would make them fp32 matmuls on a GPU.
-        logits = dense(x, head.astype(cfg.compute_dtype)).astype(jnp.float32)
+        # A tied head is the embedding's transpose, which stays unpacked for the token lookup.
+        packed = cfg.packed_weights and not cfg.tie_embeddings
+        logits = dense(x, head.astype(cfg.compute_dtype), packed=packed).astype(jnp.float32)
         if cache is not None:
             cache = cache._replace(index=cache.index + tokens.shape[1])
         return logits, cache

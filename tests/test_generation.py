@@ -58,8 +58,11 @@ def gen():
 
 # --- correctness of the cached loop --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("layout", ["default", pytest.param("scan", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("layout", ["default", "xla-dots", pytest.param("scan", marks=pytest.mark.slow)])
 def test_cached_greedy_equals_uncached_recompute(layout, gen):
+    # default: on a CPU, the weights packed for packed_matmul's kernel; the reference runs XLA's dots.
+    if layout == "xla-dots":
+        gen = Generator(PARAMS, CONFIG, packed_weights=False)
     if layout == "scan":
         gen = Generator(PARAMS, CONFIG, scan_layers=True)
     out = gen.generate(list(PROMPTS), max_new_tokens=N_NEW)
