@@ -44,7 +44,7 @@ class PackedMatmulUnavailable(RuntimeError):
 
 
 def available() -> bool:
-    """True when the kernel is built and registered for this process's CPU backend."""
+    """True when the kernel is built (now, if it was not yet) and registered for this process's CPU backend."""
     try:
         load()
     except PackedMatmulUnavailable:
@@ -96,15 +96,19 @@ def _build() -> Path:
     library = cache / f"packed_matmul-{key}.so"
     if library.exists():
         return library
-    cache.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
-    os.close(fd)
+    tmp = None
     try:
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
+        os.close(fd)
         error = ""
         # Without -march=native (a compiler that lacks it) the vectors fall back to the baseline ISA.
         for arch in (["-march=native"], []):
             cmd = [compiler, *_FLAGS, *arch, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
-            result = subprocess.run(cmd, capture_output=True, text=True)
+            try:
+                result = subprocess.run(cmd, capture_output=True, text=True)
+            except FileNotFoundError:
+                raise PackedMatmulUnavailable(f"C++ compiler {compiler!r} not found") from None
             if result.returncode == 0:
                 os.replace(tmp, library)  # atomic: concurrent builders each publish a whole file
                 return library
@@ -113,7 +117,8 @@ def _build() -> Path:
     except OSError as e:
         raise PackedMatmulUnavailable(f"cannot build in {cache}: {e}") from None
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def _cpu_signature() -> bytes:

@@ -121,6 +121,9 @@ def test_a_failed_build_says_which_compiler_failed(tmp_path, monkeypatch):
     with pytest.raises(packed_matmul.PackedMatmulUnavailable, match="false failed to build packed_matmul.cc"):
         packed_matmul._build()
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(packed_matmul.PackedMatmulUnavailable, match="no-such-compiler' not found"):
+        packed_matmul._build()
 
 
 @pytest.mark.slow
