@@ -29,7 +29,7 @@ import numpy as np
 
 from llama_jax import packed_matmul
 from llama_jax.config import LlamaConfig
-from llama_jax.model import KVCache, forward, init_cache, unstack_layers
+from llama_jax.model import KVCache, forward, init_cache, packed_head, unstack_layers
 from llama_jax.sampling import GREEDY, SamplingParams, sample_rows
 
 # Incremented at trace time only: tests read it to prove a second call in the same bucket does not recompile.
@@ -153,10 +153,10 @@ def _why_not_packed(config: LlamaConfig) -> str | None:
     """Why packed_matmul's kernel cannot serve this model here, or None when it can."""
     if jax.default_backend() != "cpu":
         return f"the kernel is for CPUs and JAX runs on {jax.default_backend()}"
-    if config.dtype != "float32" or config.param_dtype != "float32":
+    if config.compute_dtype != jnp.float32 or config.weight_dtype != jnp.float32:
         return f"the kernel is fp32 and the model is dtype={config.dtype}, param_dtype={config.param_dtype}"
-    widths = (config.n_heads * config.head_dim, config.kv_heads * config.head_dim, config.hidden_dim, config.dim,
-              config.vocab_size)
+    # The output head's width (the vocabulary) is not checked: a head that does not fit stays unpacked.
+    widths = (config.n_heads * config.head_dim, config.kv_heads * config.head_dim, config.hidden_dim, config.dim)
     if any(w % packed_matmul.STRIP for w in widths):
         return f"a weight's output width in {widths} is not a multiple of {packed_matmul.STRIP}"
     try:
@@ -171,11 +171,13 @@ def _pack_one(w, n_in, n_lead):
     return packed_matmul.pack(w, n_in, n_lead)
 
 
-def _pack_weights(params):
-    """The tree with every weight of model.dense in the packed layout (the other leaves as they are)."""
+def _pack_weights(params, config: LlamaConfig):
+    """The tree with every weight that model.dense reads packed (see packed_head), the other leaves as they are."""
+    packed = {name: n_in for name, n_in in _PACKED_WEIGHTS.items() if name != "output" or packed_head(config)}
+
     def visit(tree, stacked):
         return {name: visit(sub, stacked or name == "layers") if isinstance(sub, Mapping)
-                else _pack_one(sub, _PACKED_WEIGHTS[name], int(stacked)) if name in _PACKED_WEIGHTS else sub
+                else _pack_one(sub, packed[name], int(stacked)) if name in packed else sub
                 for name, sub in tree.items()}
     return visit(params, False)
 
@@ -201,6 +203,9 @@ class Generator:
     def __init__(self, params: Any, config: LlamaConfig, *, stop_ids: Sequence[int] = (), pad_id: int = 0,
                  scan_layers: bool = False, min_prompt_bucket: int = 16,
                  compiler_options: dict[str, Any] | None = None, packed_weights: bool | None = None):
+        if config.packed_weights:
+            raise GenerationError("config.packed_weights is already True: pass the unpacked parameters and their "
+                                  "config (the Generator packs them itself)")
         if packed_weights is not False:
             reason = _why_not_packed(config)
             if packed_weights and reason:
@@ -209,7 +214,7 @@ class Generator:
         self.config = config.replace(remat_policy="none", scan_layers=scan_layers, packed_weights=packed_weights)
         if not scan_layers and "layers" in params:
             params = unstack_layers(params, config.n_layers)
-        self.params = _pack_weights(params) if packed_weights else params
+        self.params = _pack_weights(params, self.config) if packed_weights else params
         stop_ids = sorted(set(int(i) for i in stop_ids))
         if len(stop_ids) > MAX_STOP_IDS:
             raise GenerationError(f"at most {MAX_STOP_IDS} stop ids are supported, got {len(stop_ids)}")

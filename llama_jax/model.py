@@ -415,12 +415,17 @@ class Llama(nn.Module):
         # Meta's `self.output(h).float()`: the product in the compute dtype, then fp32. Training reads these
         # logits several times (logsumexp, its gradient): bf16 halves that traffic, and the backward products
         # stay bf16 x bf16, where an fp32 cotangent would make them fp32 matmuls on a GPU.
-        # A tied head is the embedding's transpose, which stays unpacked for the token lookup.
-        packed = cfg.packed_weights and not cfg.tie_embeddings
-        logits = dense(x, head.astype(cfg.compute_dtype), packed=packed).astype(jnp.float32)
+        logits = dense(x, head.astype(cfg.compute_dtype), packed=packed_head(cfg)).astype(jnp.float32)
         if cache is not None:
             cache = cache._replace(index=cache.index + tokens.shape[1])
         return logits, cache
+
+
+def packed_head(config: LlamaConfig) -> bool:
+    """With packed_weights, whether the output head is packed too: not when tied (the embedding's transpose,
+    which the token lookup reads unpacked), nor for a vocabulary that is not a multiple of the strip width."""
+    return (config.packed_weights and not config.tie_embeddings
+            and config.vocab_size % packed_matmul.STRIP == 0)
 
 
 # --- functional API ------------------------------------------------------------------------------------------

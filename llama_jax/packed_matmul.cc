@@ -78,6 +78,10 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
       yd[1] != pd[0] * 8) {
     return ffi::Error::InvalidArgument("packed_matmul: expected x [M, K], packed [N/8, K, 8], y [M, N]");
   }
+  if (xd[1] == 0) {  // an empty sum: zeros (and no division by K below)
+    std::memset(y->typed_data(), 0, sizeof(float) * yd[0] * yd[1]);
+    return ffi::Error::Success();
+  }
   auto work = std::make_shared<Work>();
   work->x = x.typed_data();
   work->packed = packed.typed_data();

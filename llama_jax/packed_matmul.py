@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -65,7 +66,7 @@ def load() -> None:
             if "LLAMA_JAX_PACKED_MATMUL=0" not in str(e):
                 log.warning("packed CPU matmul unavailable (%s); decoding uses XLA's dot", e)
     if _load_error:
-        raise _load_error
+        raise PackedMatmulUnavailable(str(_load_error)) from None
 
 
 _load_error: PackedMatmulUnavailable | bool | None = None  # None: not tried yet; False: registered
@@ -74,25 +75,29 @@ _load_error: PackedMatmulUnavailable | bool | None = None  # None: not tried yet
 def _register() -> None:
     if os.environ.get("LLAMA_JAX_PACKED_MATMUL", "1") == "0":
         raise PackedMatmulUnavailable("LLAMA_JAX_PACKED_MATMUL=0")
-    library = _build()
     try:
+        library = _build()
         handler = getattr(ctypes.cdll.LoadLibrary(str(library)), _SYMBOL)
-    except (OSError, AttributeError) as e:
-        raise PackedMatmulUnavailable(f"cannot load {library}: {e}") from None
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+        jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+    except PackedMatmulUnavailable:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever goes wrong, decoding goes on with XLA's dot
+        raise PackedMatmulUnavailable(f"{type(e).__name__}: {e}") from None
 
 
 def _build() -> Path:
-    compiler = os.environ.get("CXX") or next(
-        (c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
-    if compiler is None:
+    compiler = shlex.split(os.environ.get("CXX", "")) or [
+        next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), "")]
+    if not compiler[0]:
         raise PackedMatmulUnavailable("no C++ compiler (set CXX or install g++/clang++)")
+    if not shutil.which(compiler[0]):
+        raise PackedMatmulUnavailable(f"C++ compiler {compiler[0]!r} not found")
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True).stdout
     cache = Path(os.environ.get("LLAMA_JAX_CACHE_DIR") or Path.home() / ".cache" / "llama_jax")
-    source = _SOURCE.read_bytes()
     # -march=native builds for this CPU, so the CPU is part of the key (a home directory may be shared).
-    key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(_FLAGS).encode(),
-                                     jaxlib.__version__.encode(), platform.machine().encode(),
-                                     _cpu_signature()])).hexdigest()[:16]
+    key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), shutil.which(compiler[0]).encode(), version.encode(),
+                                     " ".join(_FLAGS).encode(), jaxlib.__version__.encode(),
+                                     platform.machine().encode(), _cpu_signature()])).hexdigest()[:16]
     library = cache / f"packed_matmul-{key}.so"
     if library.exists():
         return library
@@ -104,16 +109,13 @@ def _build() -> Path:
         error = ""
         # Without -march=native (a compiler that lacks it) the vectors fall back to the baseline ISA.
         for arch in (["-march=native"], []):
-            cmd = [compiler, *_FLAGS, *arch, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
-            try:
-                result = subprocess.run(cmd, capture_output=True, text=True)
-            except FileNotFoundError:
-                raise PackedMatmulUnavailable(f"C++ compiler {compiler!r} not found") from None
+            cmd = [*compiler, *_FLAGS, *arch, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+            result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode == 0:
                 os.replace(tmp, library)  # atomic: concurrent builders each publish a whole file
                 return library
             error = (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
-        raise PackedMatmulUnavailable(f"{compiler} failed to build {_SOURCE.name}: {error}")
+        raise PackedMatmulUnavailable(f"{' '.join(compiler)} failed to build {_SOURCE.name}: {error}")
     except OSError as e:
         raise PackedMatmulUnavailable(f"cannot build in {cache}: {e}") from None
     finally:

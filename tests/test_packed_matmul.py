@@ -37,6 +37,9 @@ def test_kernel_builds_where_a_compiler_exists():
     (9, 33, 40),  # 8 rows + 1
     (100, 768, 16),  # several row blocks (40 rows each for K=768), the last one with a tail
     (17, 2048, 8),  # row blocks of 16 for K=2048
+    (9, 4096, 1024),  # row blocks of 8 (the least) for K=4096, many strips per chunk, the thread pool
+    (1, 4096, 4096),  # one row, 16M weights: every thread of the pool
+    (3, 0, 16),  # an empty sum is zeros
 ])
 def test_matmul_matches_numpy(m, k, n):
     rng = np.random.default_rng(m * k + n)
@@ -48,6 +51,7 @@ def test_matmul_matches_numpy(m, k, n):
     bound = k * 2.0**-23 * (np.abs(x).astype(np.float64) @ np.abs(w))
     assert y.shape == (m, n) and y.dtype == jnp.float32
     assert np.all(np.abs(np.asarray(y) - exact) <= bound)
+    assert k == 0 or np.abs(exact).max() > 0  # not trivially passing with zeros
 
 
 def test_pack_lays_each_strip_of_8_columns_out_contiguously():
@@ -100,10 +104,29 @@ def test_decoding_with_packed_weights_matches_hf(config):
     assert np.abs(ours - reference).max() <= 1e-4 * np.abs(reference).max()
 
 
+def _params(config, seed=0):
+    return jax.tree.map(jnp.asarray, params_from_meta(
+        {k: v.numpy() for k, v in random_meta_state(config, seed).items()}, config))
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", ["scan-layers", "vocab-not-a-multiple-of-8"])
+def test_packed_generator_gives_the_tokens_of_xla_dots(case):
+    config = LlamaConfig(**{**SMALL, "n_kv_heads": 2, "vocab_size": 130 if case.startswith("vocab") else 128})
+    params = _params(config)
+    kw = dict(scan_layers=case == "scan-layers")
+    packed, plain = Generator(params, config, **kw), Generator(params, config, packed_weights=False, **kw)
+    assert packed.config.packed_weights
+    head = packed.params["output"]
+    # The layers are packed either way; a 130-wide head stays as it is.
+    assert np.array_equal(head, params["output"]) == case.startswith("vocab")
+    prompts = [[1, 5, 9, 77], [3]]
+    assert packed.generate(prompts, max_new_tokens=6).tokens == plain.generate(prompts, max_new_tokens=6).tokens
+
+
 def test_generator_packs_fp32_models_on_a_cpu_only():
     config = LlamaConfig(**SMALL)
-    params = jax.tree.map(jnp.asarray, params_from_meta(
-        {k: v.numpy() for k, v in random_meta_state(config).items()}, config))
+    params = _params(config)
     assert Generator(params, config).config.packed_weights == (ON_CPU and HAS_COMPILER)
     assert not Generator(params, config, packed_weights=False).config.packed_weights
     bf16 = config.replace(dtype="bfloat16", param_dtype="bfloat16")
@@ -113,6 +136,10 @@ def test_generator_packs_fp32_models_on_a_cpu_only():
         Generator(bf16_params, bf16, packed_weights=True)
     with pytest.raises(ConfigError, match="packed_weights needs dtype float32"):
         bf16.replace(packed_weights=True)
+    alias = config.replace(dtype="fp32", param_dtype="fp32")  # DTYPES' other name for float32
+    assert Generator(params, alias).config.packed_weights == (ON_CPU and HAS_COMPILER)
+    with pytest.raises(GenerationError, match="already True"):
+        Generator(params, config.replace(packed_weights=True))
 
 
 def test_a_failed_build_says_which_compiler_failed(tmp_path, monkeypatch):
@@ -124,6 +151,17 @@ def test_a_failed_build_says_which_compiler_failed(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(packed_matmul.PackedMatmulUnavailable, match="no-such-compiler' not found"):
         packed_matmul._build()
+
+
+def test_any_load_failure_is_one_reason_given_again_without_a_rebuild(tmp_path, monkeypatch):
+    monkeypatch.setattr(packed_matmul, "_load_error", None)  # as in a fresh process; restored afterwards
+    monkeypatch.setattr(packed_matmul, "_SOURCE", tmp_path / "missing.cc")
+    with pytest.raises(packed_matmul.PackedMatmulUnavailable, match="FileNotFoundError"):
+        packed_matmul.load()
+    monkeypatch.setattr(packed_matmul, "_register", lambda: pytest.fail("load() tried again"))
+    with pytest.raises(packed_matmul.PackedMatmulUnavailable, match="FileNotFoundError"):
+        packed_matmul.load()
+    assert not packed_matmul.available()
 
 
 @pytest.mark.slow
