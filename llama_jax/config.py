@@ -84,7 +84,7 @@ class LlamaConfig:
             raise ConfigError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
-        if self.packed_weights and DTYPES[self.dtype] != jnp.float32:
+        if self.packed_weights and self.compute_dtype != jnp.float32:
             raise ConfigError(f"packed_weights needs dtype float32 (the packed kernel's), got {self.dtype!r}")
 
     def _shape(self) -> str:

@@ -63,7 +63,7 @@ def load() -> None:
             _load_error = False
         except PackedMatmulUnavailable as e:
             _load_error = e
-            if "LLAMA_JAX_PACKED_MATMUL=0" not in str(e):
+            if not _switched_off():  # a choice is not worth a warning
                 log.warning("packed CPU matmul unavailable (%s); decoding uses XLA's dot", e)
     if _load_error:
         raise PackedMatmulUnavailable(str(_load_error)) from None
@@ -72,8 +72,12 @@ def load() -> None:
 _load_error: PackedMatmulUnavailable | bool | None = None  # None: not tried yet; False: registered
 
 
+def _switched_off() -> bool:
+    return os.environ.get("LLAMA_JAX_PACKED_MATMUL", "1") == "0"
+
+
 def _register() -> None:
-    if os.environ.get("LLAMA_JAX_PACKED_MATMUL", "1") == "0":
+    if _switched_off():
         raise PackedMatmulUnavailable("LLAMA_JAX_PACKED_MATMUL=0")
     try:
         library = _build()
@@ -90,12 +94,13 @@ def _build() -> Path:
         next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), "")]
     if not compiler[0]:
         raise PackedMatmulUnavailable("no C++ compiler (set CXX or install g++/clang++)")
-    if not shutil.which(compiler[0]):
+    compiler_path = shutil.which(compiler[0])
+    if not compiler_path:
         raise PackedMatmulUnavailable(f"C++ compiler {compiler[0]!r} not found")
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True).stdout
     cache = Path(os.environ.get("LLAMA_JAX_CACHE_DIR") or Path.home() / ".cache" / "llama_jax")
     # -march=native builds for this CPU, so the CPU is part of the key (a home directory may be shared).
-    key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), shutil.which(compiler[0]).encode(), version.encode(),
+    key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), compiler_path.encode(), version.encode(),
                                      " ".join(_FLAGS).encode(), jaxlib.__version__.encode(),
                                      platform.machine().encode(), _cpu_signature()])).hexdigest()[:16]
     library = cache / f"packed_matmul-{key}.so"
