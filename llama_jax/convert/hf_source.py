@@ -10,13 +10,9 @@ from llama_jax.config import ConfigError, LlamaConfig, RopeScaling
 from llama_jax.convert.errors import ConvertError, one_line, read_json
 from llama_jax.convert.meta_format import Source, meta_shapes
 from llama_jax.convert.tensors import target_dtype
-from llama_jax.meta_weights import LAYER_KEYS
+from llama_jax.meta_weights import LAYER_KEYS, LAYER_WEIGHTS
 
-HF_LAYER_NAMES = {"attention.wq.weight": "self_attn.q_proj.weight", "attention.wk.weight": "self_attn.k_proj.weight",
-                  "attention.wv.weight": "self_attn.v_proj.weight", "attention.wo.weight": "self_attn.o_proj.weight",
-                  "feed_forward.w1.weight": "mlp.gate_proj.weight", "feed_forward.w2.weight": "mlp.down_proj.weight",
-                  "feed_forward.w3.weight": "mlp.up_proj.weight", "attention_norm.weight": "input_layernorm.weight",
-                  "ffn_norm.weight": "post_attention_layernorm.weight"}
+HF_LAYER_NAMES = {w.meta_key: w.hf_key for w in LAYER_WEIGHTS}
 HF_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
                 "output.weight": "lm_head.weight"}
 

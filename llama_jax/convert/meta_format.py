@@ -6,28 +6,22 @@ from __future__ import annotations
 from typing import Any
 
 from llama_jax.config import LlamaConfig
+from llama_jax.meta_weights import LAYER_WEIGHTS, meta_shape
 
 PARAMS_JSON = "params.json"
 
-# How Meta's model-parallel layers split each tensor ([out, in] like torch.nn.Linear): ColumnParallelLinear on
-# dim 0, RowParallelLinear on dim 1, norms replicated (None). The token embedding depends on the generation
-# (Llama 2 ParallelEmbedding: dim 1; Llama 3 VocabParallelEmbedding: dim 0) and is detected from shapes.
-LAYER_SPLIT = {"attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
-               "attention.wo.weight": 1, "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0,
-               "feed_forward.w2.weight": 1, "attention_norm.weight": None, "ffn_norm.weight": None}
+# The token embedding's split depends on the generation (Llama 2 ParallelEmbedding: dim 1; Llama 3
+# VocabParallelEmbedding: dim 0) and is detected from shapes; each layer tensor's is in meta_weights' table.
+LAYER_SPLIT = {w.meta_key: w.split for w in LAYER_WEIGHTS}
 
 
 def meta_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    d, hd, f = config.dim, config.head_dim, config.hidden_dim
-    layer = {"attention.wq.weight": (config.n_heads * hd, d), "attention.wk.weight": (config.kv_heads * hd, d),
-             "attention.wv.weight": (config.kv_heads * hd, d), "attention.wo.weight": (d, config.n_heads * hd),
-             "feed_forward.w1.weight": (f, d), "feed_forward.w3.weight": (f, d), "feed_forward.w2.weight": (d, f),
-             "attention_norm.weight": (d,), "ffn_norm.weight": (d,)}
-    shapes = {"tok_embeddings.weight": (config.vocab_size, d), "norm.weight": (d,)}
+    layer = {w.meta_key: meta_shape(w, config) for w in LAYER_WEIGHTS}
+    shapes = {"tok_embeddings.weight": (config.vocab_size, config.dim), "norm.weight": (config.dim,)}
     for i in range(config.n_layers):
         shapes.update({f"layers.{i}.{k}": s for k, s in layer.items()})
     if not config.tie_embeddings:
-        shapes["output.weight"] = (config.vocab_size, d)
+        shapes["output.weight"] = (config.vocab_size, config.dim)
     return shapes
 
 
