@@ -106,8 +106,9 @@ def main(argv=None) -> int:
 
 
 def run(args: argparse.Namespace, prompts: list[str]) -> int:
+    from llama_jax.chat import encode_chat
     from llama_jax.checkpoint import TOKENIZER_FILE, load_config, load_params
-    from llama_jax.generation import Generator, encode_chat
+    from llama_jax.generation import Generator
     from llama_jax.sampling import SamplingParams
     from llama_jax.tokenizer import load_tokenizer
 
@@ -131,10 +132,6 @@ def run(args: argparse.Namespace, prompts: list[str]) -> int:
             raise UsageError(f"--chat: {e}") from None
     else:
         encoded = [tok.encode(p, bos=True, eos=False) for p in prompts]
-    for i, ids in enumerate(encoded):
-        if len(ids) >= config.max_seq_len:
-            raise UsageError(f"prompt {i + 1} is {len(ids)} tokens; the model's max_seq_len is "
-                             f"{config.max_seq_len} (config.json), leaving no room to generate")
 
     gen = Generator(load_params(model_dir, config), config, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
@@ -154,7 +151,7 @@ def complete(gen, tok, encoded, *, seed, **options):
     from rich.console import Console
     from rich.progress import Progress
 
-    from llama_jax.generation import IncrementalDecoder
+    from llama_jax.chat import IncrementalDecoder
 
     decoders = [IncrementalDecoder(tok) for _ in encoded]
     max_new = options["max_new_tokens"]
@@ -181,7 +178,7 @@ def complete(gen, tok, encoded, *, seed, **options):
 
 
 def chat_repl(gen, tok, system, max_seq_len, *, seed, **options) -> int:
-    from llama_jax.generation import fit_dialog
+    from llama_jax.chat import fit_dialog
 
     dialog = list(system)
     print("chat: type a message, an empty line to skip, Ctrl-D to quit", file=sys.stderr)

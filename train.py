@@ -126,7 +126,7 @@ def model_overrides(args: argparse.Namespace) -> dict:
 
 def build_config(args: argparse.Namespace):
     """TrainConfig from (saved run settings when resuming) < (preset training defaults) < explicit flags."""
-    from llama_jax.model import default_attention_impl
+    from llama_jax.kernels import default_attention_impl
     from llama_jax.train import TRAIN_CONFIG_FILE, TRAIN_PRESETS, ModelSpec, TrainConfig, TrainError, default_dtype
 
     explicit = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}

@@ -122,7 +122,7 @@ def cpu_table(args):
         packed = False if args.xla_dots else None  # None: wherever the kernel applies
         gen = Generator(params, config, scan_layers=args.scan_layers, packed_weights=packed)
         del params
-        print(f"{name}: weight products by " + ("the packed CPU kernel" if gen.config.packed_weights else
+        print(f"{name}: weight products by " + ("the packed CPU kernel" if gen.packed_weights else
                                                 "XLA's dot"), flush=True)
         hf = hf_model_from_meta(state, config)
         del state

@@ -37,6 +37,10 @@ _LLAMA32_DIMS = (2048, 3072)
 DTYPES = {"float32": jnp.float32, "fp32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16,
           "float16": jnp.float16, "fp16": jnp.float16}
 
+# Fields that config.json files written by earlier versions carry and that no longer describe the model: read and
+# ignored. packed_weights was the Generator's in-memory weight layout, always false on disk.
+_RETIRED_FIELDS = ("packed_weights",)
+
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_attention")
 ATTENTION_IMPLS = ("einsum", "dot_product_attention")
 
@@ -62,9 +66,6 @@ class LlamaConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str = "einsum"
-    # The projection weights (and an untied output head) hold packed_matmul.pack(w): the layout of the CPU
-    # decoding kernel, which the Generator sets up. fp32 only; such weights give no gradients.
-    packed_weights: bool = False
 
     def __post_init__(self):
         if self.dim <= 0 or self.n_layers <= 0 or self.n_heads <= 0 or self.vocab_size <= 0:
@@ -84,8 +85,6 @@ class LlamaConfig:
             raise ConfigError(f"remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ConfigError(f"attention_impl={self.attention_impl!r}; expected one of {ATTENTION_IMPLS}")
-        if self.packed_weights and self.compute_dtype != jnp.float32:
-            raise ConfigError(f"packed_weights needs dtype float32 (the packed kernel's), got {self.dtype!r}")
 
     def _shape(self) -> str:
         return f"dim={self.dim} n_layers={self.n_layers} n_heads={self.n_heads} vocab_size={self.vocab_size}"
@@ -130,7 +129,7 @@ class LlamaConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "LlamaConfig":
-        data = dict(data)
+        data = {k: v for k, v in data.items() if k not in _RETIRED_FIELDS}
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown config fields {sorted(unknown)}")

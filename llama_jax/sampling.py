@@ -4,8 +4,8 @@ Order of the filters, as in Hugging Face's logits warpers: temperature, then top
 kept. Top-p is Meta's `sample_top_p` (llama/generation.py): sort descending, cumulative sum, drop a token when
 the mass *before* it already exceeds p, renormalise, sample. Temperature 0 means greedy (argmax).
 
-Everything that changes the shape of the computation (greedy or not, k) is static in `SamplingParams`; the
-temperature and p are traced values so changing them does not recompile.
+What changes the shape of the computation (greedy or not, k, top-p on or off) is `SamplingParams.switches`, a
+static value compiled in; the temperature and p are traced values, so changing them does not recompile.
 """
 
 from __future__ import annotations
@@ -18,6 +18,15 @@ import jax.numpy as jnp
 
 class SamplingError(ValueError):
     """Sampling settings outside their domain; the message names the setting and its allowed range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSwitches:
+    """The compiled-in part of a sampler: hashable, a static argument of the generation functions."""
+
+    greedy: bool = True
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: bool = False  # whether the nucleus filter runs (its p is a traced value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,9 +47,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def static_key(self) -> tuple[bool, int, bool]:
-        """What the compiled sampler depends on: (greedy, top_k, uses top-p)."""
-        return (self.greedy, 0 if self.greedy else int(self.top_k), not self.greedy and self.top_p < 1)
+    @property
+    def switches(self) -> SamplerSwitches:
+        """What the compiled sampler depends on; greedy decoding ignores k and p."""
+        return SamplerSwitches(greedy=self.greedy, top_k=0 if self.greedy else int(self.top_k),
+                               top_p=not self.greedy and self.top_p < 1)
 
 
 GREEDY = SamplingParams()

@@ -1,7 +1,7 @@
-"""Tokenizers for LLaMA 2 (SentencePiece) and LLaMA 3 (tiktoken BPE) behind one interface, plus both chat formats.
+"""Tokenizers for LLaMA 2 (SentencePiece) and LLaMA 3 (tiktoken BPE) behind one interface (chat formats: chat.py).
 
-Behaviour follows Meta's reference code (llama/tokenizer.py, llama/generation.py for Llama 2; llama-models
-models/llama3_1/api/tokenizer.py and llama3's ChatFormat for Llama 3), so token ids match Meta's exactly.
+Behaviour follows Meta's reference code (llama/tokenizer.py for Llama 2; llama-models
+models/llama3_1/api/tokenizer.py for Llama 3), so token ids match Meta's exactly.
 """
 
 from __future__ import annotations
@@ -23,8 +23,6 @@ __all__ = [
     "TiktokenTokenizer",
     "Tokenizer",
     "TokenizerError",
-    "encode_llama2_dialog",
-    "encode_llama3_dialog",
     "load_tokenizer",
 ]
 
@@ -249,78 +247,3 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     if _RANK_LINE.fullmatch(head.split(b"\n", 1)[0]):
         return TiktokenTokenizer(path)
     raise TokenizerError(f"{path}: unrecognised contents; expected {expected}")
-
-
-# ----------------------------------------------------------------------------------------------------------- chat
-
-B_INST, E_INST = "[INST]", "[/INST]"
-B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
-LLAMA2_SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
-
-
-def _check_messages(dialog: Sequence[Message]) -> None:
-    if not dialog:
-        raise ValueError("dialog is empty")
-    for i, msg in enumerate(dialog):
-        if not (isinstance(msg, Mapping) and isinstance(msg.get("role"), str) and isinstance(msg.get("content"), str)):
-            raise ValueError(f"message {i} must be a dict with str 'role' and 'content', got {msg!r}")
-
-
-def encode_llama2_dialog(tok: Tokenizer, dialog: Sequence[Message]) -> list[int]:
-    """Prompt ids for a Llama 2 chat model, as Meta's `Llama.chat_completion` builds them.
-
-    Roles: an optional first "system", then "user"/"assistant" alternating, ending with "user".
-    """
-    _check_messages(dialog)
-    # Meta answers such requests with an error text instead of generating; refusing to encode is the equivalent.
-    for i, msg in enumerate(dialog):
-        tags = [tag for tag in LLAMA2_SPECIAL_TAGS if tag in msg["content"]]
-        if tags:
-            raise ValueError(f"message {i} contains Llama 2 special tags {tags}, which are not allowed in prompts")
-    given_roles = [msg["role"] for msg in dialog]
-    if dialog[0]["role"] == "system":
-        if len(dialog) < 2:
-            raise ValueError("a system message must be followed by a user message")
-        first = {"role": dialog[1]["role"], "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
-        dialog = [first, *dialog[2:]]
-    roles = [msg["role"] for msg in dialog]
-    if any(r != "user" for r in roles[::2]) or any(r != "assistant" for r in roles[1::2]) or roles[-1] != "user":
-        raise ValueError(
-            "Llama 2 chat supports an optional 'system' message, then 'user' and 'assistant' alternating and "
-            f"ending with 'user'; got roles {given_roles}"
-        )
-    ids: list[int] = []
-    for prompt, answer in zip(dialog[::2], dialog[1::2]):
-        ids += tok.encode(f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} ",
-                          bos=True, eos=True)
-    ids += tok.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
-    return ids
-
-
-def _llama3_header(tok: TiktokenTokenizer, role: str) -> list[int]:
-    return [
-        tok.special_tokens["<|start_header_id|>"],
-        *tok.encode(role, bos=False, eos=False),
-        tok.special_tokens["<|end_header_id|>"],
-        *tok.encode("\n\n", bos=False, eos=False),
-    ]
-
-
-def encode_llama3_dialog(
-    tok: TiktokenTokenizer, dialog: Sequence[Message], add_generation_prompt: bool = True
-) -> list[int]:
-    """Prompt ids for a Llama 3 chat model, as Meta's `ChatFormat.encode_dialog_prompt` builds them.
-
-    With `add_generation_prompt` (Meta always adds it) the ids end with an open assistant header for the model
-    to complete; without it they end after the last message's <|eot_id|> (for scoring or training).
-    Special-token text inside content is encoded as plain text.
-    """
-    _check_messages(dialog)
-    ids = [tok.bos_id]
-    for msg in dialog:
-        ids += _llama3_header(tok, msg["role"])
-        ids += tok.encode(msg["content"].strip(), bos=False, eos=False)
-        ids.append(tok.eot_id)
-    if add_generation_prompt:
-        ids += _llama3_header(tok, "assistant")
-    return ids

@@ -73,6 +73,14 @@ def test_json_round_trip(tmp_path):
     assert LlamaConfig.load_json(tmp_path / "c.json") == config
 
 
+def test_config_json_of_earlier_versions_loads(tmp_path):
+    # Model and run folders written before packed weights left the config carry "packed_weights": false.
+    config = preset("llama3.2-1b")
+    (tmp_path / "c.json").write_text(json.dumps({**config.to_dict(), "packed_weights": False}))
+    assert LlamaConfig.load_json(tmp_path / "c.json") == config
+    assert "packed_weights" not in config.to_dict()
+
+
 @pytest.mark.parametrize("fields, message", [
     (dict(dim=100, n_heads=3), "n_heads=3 must divide dim=100"),
     (dict(dim=64, n_heads=4, n_kv_heads=3), "n_kv_heads=3 must divide n_heads=4"),

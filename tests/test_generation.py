@@ -214,7 +214,8 @@ def test_incremental_decoder_deltas_join_to_full_text():
 
 @needs_llama2_tokenizer
 def test_fit_dialog_drops_oldest_exchanges():
-    from llama_jax.tokenizer import encode_llama2_dialog, load_tokenizer
+    from llama_jax.chat import encode_llama2_dialog
+    from llama_jax.tokenizer import load_tokenizer
 
     tok = load_tokenizer(LLAMA2_TOKENIZER)
     dialog = [{"role": "system", "content": "be brief"}]
@@ -320,7 +321,7 @@ def _error_line(capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--checkpoint", "{missing}", "--prompt", "x"], "--checkpoint"),
-    (["--checkpoint", "{model}", "--prompt", "word " * 60], "max_seq_len is 48"),
+    (["--checkpoint", "{model}", "--prompt", "word " * 60], "max_seq_len=48"),
     (["--checkpoint", "{model}"], "empty batch"),
     (["--checkpoint", "{model}", "--prompts-file", "{empty}"], "no prompts"),
     (["--checkpoint", "{model}", "--prompt", "x", "--temperature", "-0.5"], "--temperature must be >= 0"),

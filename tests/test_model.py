@@ -187,7 +187,7 @@ def test_remat_policies_keep_loss_and_gradients(policy):
 
 
 def test_default_attention_impl_per_backend():
-    from llama_jax.model import default_attention_impl
+    from llama_jax.kernels import default_attention_impl
 
     assert default_attention_impl("gpu") == "dot_product_attention"
     assert default_attention_impl("cpu") == "einsum"

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.sampling import SamplingError, SamplingParams, filtered_probs, greedy, sample, sample_rows
+from llama_jax.sampling import SamplerSwitches, SamplingError, SamplingParams, filtered_probs, greedy, sample, sample_rows
 
 try:
     from scipy.stats import chi2 as _chi2
@@ -142,7 +142,8 @@ def test_sampling_params_reject_bad_values(kw, needle):
         SamplingParams(**kw)
 
 
-def test_static_key():
-    assert SamplingParams().static_key() == (True, 0, False)
-    assert SamplingParams(temperature=0.0, top_k=5, top_p=0.5).static_key() == (True, 0, False)
-    assert SamplingParams(temperature=0.7, top_k=5, top_p=0.9).static_key() == (False, 5, True)
+def test_switches():
+    assert SamplingParams().switches == SamplerSwitches(greedy=True, top_k=0, top_p=False)
+    assert SamplingParams(temperature=0.0, top_k=5, top_p=0.5).switches == SamplerSwitches(True, 0, False)
+    assert SamplingParams(temperature=0.7, top_k=5, top_p=0.9).switches == SamplerSwitches(False, 5, True)
+    hash(SamplingParams(temperature=0.7).switches)  # a static jit argument

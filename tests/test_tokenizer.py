@@ -23,10 +23,9 @@ from llama_jax.tokenizer import (
     TiktokenTokenizer,
     TokenizerError,
     _split_whitespaces_or_nonwhitespaces,
-    encode_llama2_dialog,
-    encode_llama3_dialog,
     load_tokenizer,
 )
+from llama_jax.chat import encode_llama2_dialog, encode_llama3_dialog
 
 SKIP_REASON = "../shared/tokenizers not found: real Meta tokenizer files are needed for this test"
 LLAMA2_MD5 = "eeec4125e9c7560836b4873b6f8e3025"

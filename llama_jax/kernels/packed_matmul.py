@@ -1,14 +1,14 @@
 """A CPU matmul for decoding: x [M, K] @ W [K, N] with W packed once as [N/8, K, 8] (packed_matmul.cc).
 
 A decode step multiplies a few rows by every weight matrix, so its speed is the rate at which the weights are
-read. XLA:CPU's GEMM reads W [K, N] in short pieces of a different page for each k and reached 11-14 GB/s on
-our 2-core benchmark machine, where a plain read runs at 27 GB/s; the packed strips run at 24 GB/s (8 rows,
-small-100m's matrices). The kernel is C++ behind XLA's FFI, compiled on first use with the machine's C++
+read, and XLA:CPU's GEMM reads W [K, N] in short pieces of a different page for each k, well below the rate of a
+plain read; packed strips are read at nearly that rate (docs/design.md). The kernel is C++ behind XLA's FFI, compiled on first use with the machine's C++
 compiler for its own CPU (-march=native) and cached; without a compiler, decoding keeps XLA's dot.
 
     if packed_matmul.available():
         p = pack(w)                         # same shape and dtype as w, contents in strips
         y = matmul(x, p.reshape(N // 8, K, 8))
+        leaf = PackedWeight(p, n_in=1)      # how a parameter tree carries it: model.dense then runs the kernel
 
 LLAMA_JAX_PACKED_MATMUL=0 turns it off; LLAMA_JAX_CACHE_DIR moves the build cache (default ~/.cache/llama_jax).
 """
@@ -16,6 +16,7 @@ LLAMA_JAX_PACKED_MATMUL=0 turns it off; LLAMA_JAX_CACHE_DIR moves the build cach
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import hashlib
 import logging
 import math
@@ -38,6 +39,24 @@ _SYMBOL = "LlamaJaxPackedMatmulF32"
 _FLAGS = ("-O3", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-w")
 
 log = logging.getLogger(__name__)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PackedWeight:
+    """A weight held as `pack(w, n_in, n_lead)`: the array keeps w's shape (so Flax's parameter shape checks and
+    the tree's structure hold), and its type tells `dense` to run the kernel. Inference only: no gradient."""
+
+    strips: jax.Array
+    n_in: int = dataclasses.field(default=1, metadata=dict(static=True))
+
+    @property
+    def shape(self):
+        return self.strips.shape
+
+    @property
+    def dtype(self):
+        return self.strips.dtype
 
 
 class PackedMatmulUnavailable(RuntimeError):

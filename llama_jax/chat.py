@@ -1,0 +1,124 @@
+"""Chat: Meta's Llama 2 and Llama 3 dialog formats, and the helpers that generation and serving build on them.
+
+Behaviour follows Meta's reference code (llama/generation.py `chat_completion` for Llama 2, llama3's
+`ChatFormat` for Llama 3), so prompt ids match Meta's exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from llama_jax.tokenizer import Message, TiktokenTokenizer, Tokenizer
+
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+LLAMA2_SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")
+
+
+def _check_messages(dialog: Sequence[Message]) -> None:
+    if not dialog:
+        raise ValueError("dialog is empty")
+    for i, msg in enumerate(dialog):
+        if not (isinstance(msg, Mapping) and isinstance(msg.get("role"), str) and isinstance(msg.get("content"), str)):
+            raise ValueError(f"message {i} must be a dict with str 'role' and 'content', got {msg!r}")
+
+
+def encode_llama2_dialog(tok: Tokenizer, dialog: Sequence[Message]) -> list[int]:
+    """Prompt ids for a Llama 2 chat model, as Meta's `Llama.chat_completion` builds them.
+
+    Roles: an optional first "system", then "user"/"assistant" alternating, ending with "user".
+    """
+    _check_messages(dialog)
+    # Meta answers such requests with an error text instead of generating; refusing to encode is the equivalent.
+    for i, msg in enumerate(dialog):
+        tags = [tag for tag in LLAMA2_SPECIAL_TAGS if tag in msg["content"]]
+        if tags:
+            raise ValueError(f"message {i} contains Llama 2 special tags {tags}, which are not allowed in prompts")
+    given_roles = [msg["role"] for msg in dialog]
+    if dialog[0]["role"] == "system":
+        if len(dialog) < 2:
+            raise ValueError("a system message must be followed by a user message")
+        first = {"role": dialog[1]["role"], "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
+        dialog = [first, *dialog[2:]]
+    roles = [msg["role"] for msg in dialog]
+    if any(r != "user" for r in roles[::2]) or any(r != "assistant" for r in roles[1::2]) or roles[-1] != "user":
+        raise ValueError(
+            "Llama 2 chat supports an optional 'system' message, then 'user' and 'assistant' alternating and "
+            f"ending with 'user'; got roles {given_roles}"
+        )
+    ids: list[int] = []
+    for prompt, answer in zip(dialog[::2], dialog[1::2]):
+        ids += tok.encode(f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} ",
+                          bos=True, eos=True)
+    ids += tok.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
+    return ids
+
+
+def _llama3_header(tok: TiktokenTokenizer, role: str) -> list[int]:
+    return [
+        tok.special_tokens["<|start_header_id|>"],
+        *tok.encode(role, bos=False, eos=False),
+        tok.special_tokens["<|end_header_id|>"],
+        *tok.encode("\n\n", bos=False, eos=False),
+    ]
+
+
+def encode_llama3_dialog(
+    tok: TiktokenTokenizer, dialog: Sequence[Message], add_generation_prompt: bool = True
+) -> list[int]:
+    """Prompt ids for a Llama 3 chat model, as Meta's `ChatFormat.encode_dialog_prompt` builds them.
+
+    With `add_generation_prompt` (Meta always adds it) the ids end with an open assistant header for the model
+    to complete; without it they end after the last message's <|eot_id|> (for scoring or training).
+    Special-token text inside content is encoded as plain text.
+    """
+    _check_messages(dialog)
+    ids = [tok.bos_id]
+    for msg in dialog:
+        ids += _llama3_header(tok, msg["role"])
+        ids += tok.encode(msg["content"].strip(), bos=False, eos=False)
+        ids.append(tok.eot_id)
+    if add_generation_prompt:
+        ids += _llama3_header(tok, "assistant")
+    return ids
+
+
+def encode_chat(tokenizer: Tokenizer, dialog: Sequence[Message]) -> list[int]:
+    """Prompt ids of a dialog in the tokenizer's chat format: Llama 3 for tiktoken, Llama 2 otherwise."""
+    if isinstance(tokenizer, TiktokenTokenizer):
+        return encode_llama3_dialog(tokenizer, dialog)
+    return encode_llama2_dialog(tokenizer, dialog)
+
+
+def fit_dialog(tokenizer: Tokenizer, dialog: list[dict], max_len: int) -> tuple[list[dict], list[int]]:
+    """Drops the oldest user/assistant exchanges (never the system message nor the last user turn) until the
+    encoded dialog is shorter than max_len; returns the kept dialog and its ids (possibly still too long)."""
+    dialog = list(dialog)
+    ids = encode_chat(tokenizer, dialog)
+    head = 1 if dialog and dialog[0]["role"] == "system" else 0
+    while len(ids) >= max_len and len(dialog) - head > 1:
+        del dialog[head:head + 2]
+        ids = encode_chat(tokenizer, dialog)
+    return dialog, ids
+
+
+class IncrementalDecoder:
+    """Turns a growing id sequence into text deltas for streaming.
+
+    Decodes the whole sequence each time (SentencePiece drops a word's leading space when pieces are decoded
+    one by one) and holds back a trailing U+FFFD, which means a multi-byte character is still incomplete.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, ids: Sequence[int]) -> str:
+        self.ids.extend(int(i) for i in ids)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta = text[len(self.text):] if text.startswith(self.text) else text
+        self.text = text
+        return delta

@@ -1,0 +1,85 @@
+"""Backend-specific speed behind one seam. The model calls `ops.dense` for every weight product and
+`ops.attention` for attention; `select_ops(config)` chooses, once, which kernel serves each on this backend, and
+the result is handed to the model. `Ops` names its kernels with strings, so it is hashable: a static jit argument.
+
+    dense        xla (tensordot) | cpu (the same, with a YNNPACK-friendly weight gradient); a PackedWeight leaf
+                 always runs the packed CPU decoding kernel (packed_matmul)
+    attention    einsum (reference, blocked causal) | xla (jax.nn) | cudnn (fused causal, GPU, bf16/fp16)
+    cache        einsum | cpu_windows (a decode step reads only the filled part of the cache)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.config import LlamaConfig
+from llama_jax.kernels import attention as attn
+from llama_jax.kernels.dense import dense
+from llama_jax.kernels.packed_matmul import PackedWeight
+from llama_jax.kernels.remat import REMAT_POLICIES
+
+__all__ = ["Ops", "PackedWeight", "decode_compiler_options", "default_attention_impl", "select_ops"]
+
+GPU_BACKENDS = ("gpu", "cuda", "rocm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Ops:
+    dense_kernel: str = "xla"
+    attention_kernel: str = "einsum"
+    cache_kernel: str = "einsum"
+
+    def dense(self, x, w, n_in: int = 1):
+        """x [*batch, *in] times w [*in, *out] (an array or a PackedWeight), contracting n_in axes."""
+        return dense(x, w, n_in, self.dense_kernel)
+
+    def attention(self, q, k, v, *, q_positions=None, kv_positions=None, kv_len=None, heads_first: bool = False):
+        """Grouped-query attention; returns [batch, q_len, heads, head_dim].
+
+        q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim], or with heads_first
+        [batch, kv_heads, kv_len, head_dim] (the cache's layout). q_positions [batch, q_len] and kv_positions
+        [batch, kv_len]: a query sees the keys at positions 0..its own, and position -1 (padding, an empty slot)
+        is never seen. Both None: every row is 0..q_len-1, unpadded, the plain causal case. kv_len: how many
+        leading slots of k/v can hold keys; the rest need not be read.
+        """
+        if q_positions is None:
+            return attn.plain_causal(q, k, v, self.attention_kernel)
+        mask = attn.position_mask(q_positions, kv_positions)
+        if self.cache_kernel == "cpu_windows" and heads_first and kv_len is not None and q.shape[1] == 1:
+            return attn.cpu_decode_windows(q, k, v, mask, kv_len)
+        return attn.masked(q, k, v, mask, self.attention_kernel, heads_first)
+
+    def remat_policy(self, name: str):
+        return REMAT_POLICIES[name]
+
+
+def default_attention_impl(backend: str | None = None) -> str:
+    """The fused kernel path on GPU, the plain einsum (reference) path elsewhere."""
+    return "dot_product_attention" if (backend or jax.default_backend()) in GPU_BACKENDS else "einsum"
+
+
+def select_ops(config: LlamaConfig, backend: str | None = None) -> Ops:
+    """The kernels for `config` on `backend` (default: JAX's default backend)."""
+    backend = backend or jax.default_backend()
+    cpu = backend == "cpu"
+    attention = "einsum"
+    if config.attention_impl == "dot_product_attention":
+        # cuDNN's flash attention takes bf16/fp16 and head_dim a multiple of 8 up to 128; jax.nn's XLA path any.
+        fused = (backend in GPU_BACKENDS and config.compute_dtype in (jnp.bfloat16, jnp.float16)
+                 and config.head_dim % 8 == 0 and config.head_dim <= 128)
+        attention = "cudnn" if fused else "xla"
+    return Ops(dense_kernel="cpu" if cpu else "xla", attention_kernel=attention,
+               cache_kernel="cpu_windows" if cpu else "einsum")
+
+
+# XLA:CPU hands dots to YNNPACK by default; decoding multiplies a few rows by each weight matrix, where Eigen's GEMM
+# (an empty list of YNNPACK fusion types) is faster. A jaxlib without the option compiles without it.
+CPU_DECODE_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def decode_compiler_options(backend: str | None = None) -> dict[str, str]:
+    """XLA options for the compiled generation functions on this backend."""
+    return dict(CPU_DECODE_COMPILER_OPTIONS) if (backend or jax.default_backend()) == "cpu" else {}

@@ -1,0 +1,114 @@
+"""Grouped-query attention implementations. All compute Meta's arithmetic: scores in the compute dtype, softmax in
+fp32, and never a repeated copy of K/V in memory.
+
+    einsum      the reference path: any mask, either K/V layout; the plain causal case runs in blocks of queries
+    xla         jax.nn.dot_product_attention's XLA lowering
+    cudnn       cuDNN's fused flash-attention kernel, for the plain causal case on a GPU in bf16/fp16
+    cpu windows a decode step on a CPU reads only the filled part of the cache
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+# Finite rather than -inf: a query whose keys are all masked (a padding row) then gets a uniform, ignorable
+# distribution instead of NaNs that would poison gradients or sampling.
+MASKED = -1e30
+
+
+def position_mask(q_positions, kv_positions):
+    """[batch, q_len, kv_len]: a query sees the keys at positions 0..its own; position -1 is padding or empty."""
+    kv = kv_positions[:, None, :]
+    return (kv >= 0) & (kv <= q_positions[:, :, None])
+
+
+def plain_causal(q, k, v, kernel: str):
+    """Every row 0..t-1, unpadded: the mask-free case that training runs and fused kernels take."""
+    if kernel == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    if kernel == "xla":
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    return blocked_causal(q, k, v)
+
+
+def masked(q, k, v, mask, kernel: str, heads_first: bool):
+    # The cache's heads-first layout always takes the einsum path: jax.nn's path would first transpose the cache.
+    if kernel in ("xla", "cudnn") and not heads_first:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
+    return einsum_attention(q, k, v, mask, heads_first)
+
+
+# Query rows per block of the plain causal einsum path, and the most blocks: small blocks cost more than they save.
+CAUSAL_BLOCK = 64
+MAX_CAUSAL_BLOCKS = 8
+
+
+def blocked_causal(q, k, v):
+    """The plain causal mask in blocks of query rows: block i reads only keys 0..(i+1)·size-1, skipping the masked
+    upper triangle, whose probabilities are exact zeros after the softmax, so every row's result is the same."""
+    t = q.shape[1]
+    blocks = min(MAX_CAUSAL_BLOCKS, t // CAUSAL_BLOCK)
+    if blocks < 2 or t % blocks:
+        return einsum_attention(q, k, v, jnp.tril(jnp.ones((t, t), bool))[None], heads_first=False)
+    size = t // blocks
+    outs = []
+    for i in range(blocks):
+        keys = (i + 1) * size
+        # Query i·size + r sees keys 0..i·size + r: the same for every row, broadcast rather than materialised.
+        mask = (jnp.arange(keys)[None, :] <= i * size + jnp.arange(size)[:, None])[None]
+        outs.append(einsum_attention(q[:, i * size:keys], k[:, :keys], v[:, :keys], mask, heads_first=False))
+    return jnp.concatenate(outs, axis=1)
+
+
+def einsum_attention(q, k, v, mask, heads_first: bool):
+    """q [b, t, h, d]; k, v [b, s, g, d] or heads first [b, g, s, d]; mask [b or 1, t, s]."""
+    b, t, h, d = q.shape
+    kv_heads = k.shape[1 if heads_first else 2]
+    rep = h // kv_heads
+    # Each kv head serves `rep` query heads. Without sharing (rep 1) the products stay 4-D, which XLA:CPU runs
+    # faster than the 5-D form with a unit axis.
+    heads = "g" if rep == 1 else "gr"
+    if rep > 1:
+        q = q.reshape(b, t, kv_heads, rep, d)
+    kv = "bgsd" if heads_first else "bsgd"
+    # As Meta: scores in the compute dtype, softmax in fp32 (`F.softmax(scores.float(), dim=-1).type_as(xq)`).
+    scores = (jnp.einsum(f"bt{heads}d,{kv}->b{heads}ts", q, k) / math.sqrt(d)).astype(jnp.float32)
+    scores = jnp.where(mask.reshape(mask.shape[0], *(1,) * len(heads), *mask.shape[1:]), scores, MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum(f"b{heads}ts,{kv}->bt{heads}d", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def cpu_decode_windows(q, k, v, mask, kv_len):
+    """A decode step (one query per row) over a heads-first cache, reading only its first n slots, n the smallest
+    window that holds all `kv_len` filled slots: windows every 1/8 of the cache up to half of it, then the whole
+    cache. A window's product runs elementwise, into which XLA fuses the slice, where a dot would first copy the
+    slice out; beyond half the cache the dot over everything is faster. Slots left out are masked anyway."""
+    length = k.shape[2]
+    eighth = -(-length // 8)
+    windows = list(range(eighth, length // 2 + 1, eighth))
+    if not windows:
+        return einsum_attention(q, k, v, mask, heads_first=True)
+    branches = [functools.partial(_elementwise_attention, slots=n) for n in windows]
+    branches.append(functools.partial(einsum_attention, heads_first=True))
+    choice = sum((kv_len > n).astype(jnp.int32) for n in windows)
+    return jax.lax.switch(choice, branches, q, k, v, mask)
+
+
+def _elementwise_attention(q, k, v, mask, slots: int):
+    """One query row per sequence against the first `slots` of a heads-first cache, as multiply-and-sum fusions.
+    Products accumulate in fp32 and are rounded to the compute dtype where a dot's output would be."""
+    b, _, h, d = q.shape
+    kv_heads = k.shape[1]
+    k, v, mask = k[:, :, :slots], v[:, :, :slots], mask[:, 0, :slots]
+    q = q.reshape(b, kv_heads, h // kv_heads, 1, d).astype(jnp.float32)  # [b, g, r, 1, d]
+    scores = jnp.sum(q * k[:, :, None].astype(jnp.float32), axis=-1).astype(v.dtype)  # [b, g, r, slots]
+    scores = (scores / math.sqrt(d)).astype(jnp.float32)
+    scores = jnp.where(mask[:, None, None, :], scores, MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.sum(probs[..., None].astype(jnp.float32) * v[:, :, None].astype(jnp.float32), axis=3)
+    return out.astype(v.dtype).reshape(b, 1, h, d)

@@ -1,0 +1,64 @@
+"""The attention KV cache: preallocated, written in place, one slot per token."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.config import LlamaConfig
+
+
+class KVCache(NamedTuple):
+    """k, v: per layer [batch, kv_heads, max_len, head_dim]. Heads come before slots so that a decode step reads
+    each head's keys as one contiguous matrix. The unrolled model keeps a tuple of n_layers such arrays, the
+    scanned one a single array stacked on a leading layers axis (which the scan indexes with a traced layer):
+    on XLA:CPU a layer's slice of a stacked array is copied before every product that reads it.
+
+    positions: [batch, max_len], the position of the token in each slot; -1 marks an empty or padding slot.
+    index: the slot the next token is written to, the same for every row (ragged prompts are left-padded).
+    """
+
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
+    positions: jax.Array
+    index: jax.Array
+
+    def layer(self, layer) -> tuple[jax.Array, jax.Array]:
+        return self.k[layer], self.v[layer]
+
+    def write(self, layer, k, v) -> "KVCache":
+        """Stores k, v ([batch, seq, kv_heads, head_dim]) of `layer` at slots index..index+seq-1."""
+        k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
+        if isinstance(self.k, tuple):
+            def put(per_layer, new):
+                updated = jax.lax.dynamic_update_slice(per_layer[layer], new.astype(per_layer[layer].dtype),
+                                                       (0, 0, self.index, 0))
+                return per_layer[:layer] + (updated,) + per_layer[layer + 1:]
+        else:
+            def put(stacked, new):
+                return jax.lax.dynamic_update_slice(stacked, new.astype(stacked.dtype)[None],
+                                                    (layer, 0, 0, self.index, 0))
+        return self._replace(k=put(self.k, k), v=put(self.v, v))
+
+    def record_positions(self, positions) -> "KVCache":
+        """Writes the positions of the tokens about to be stored (slots index..index+seq-1), before any layer
+        runs, so that every layer's attention already sees them."""
+        return self._replace(positions=jax.lax.dynamic_update_slice(
+            self.positions, positions.astype(jnp.int32), (0, self.index)))
+
+    def advance(self, n: int) -> "KVCache":
+        return self._replace(index=self.index + n)
+
+
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+    """An empty cache, laid out for `config.scan_layers` (stacked) or the unrolled layers (a tuple)."""
+    shape = (batch, config.kv_heads, max_len, config.head_dim)
+    dtype = dtype or config.compute_dtype
+    if config.scan_layers:
+        k, v = jnp.zeros((config.n_layers, *shape), dtype), jnp.zeros((config.n_layers, *shape), dtype)
+    else:
+        k = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
+        v = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
+    return KVCache(k=k, v=v, positions=jnp.full((batch, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
