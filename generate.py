@@ -5,6 +5,7 @@
     python generate.py --checkpoint DIR --prompts-file prompts.txt          # one prompt per line
     python generate.py --checkpoint DIR --chat --prompt "Explain RoPE"      # Llama 2 / 3 chat format
     python generate.py --checkpoint DIR --chat                              # interactive, keeps the dialog
+    python generate.py --checkpoint models/llama3-70b --mesh-tensor 8 --prompt "..."   # one 8-GPU node
 
 Text streams to stdout as it is produced (a batch prints each completion when done); tokens/s,
 time to first token and compile time go to stderr.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -48,6 +50,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compute and parameter dtype (default: as in config.json)")
     p.add_argument("--chunk-size", type=int, default=8, metavar="N",
                    help="tokens decoded on the device between two screen updates (default 8)")
+    s = p.add_argument_group("parallelism (as in train.py; without these flags, one device)")
+    s.add_argument("--mesh-tensor", type=int, default=1, metavar="N",
+                   help="tensor-parallel axis: heads, MLP and vocabulary split over N devices (default 1)")
+    s.add_argument("--mesh-data", type=int, default=1, metavar="M", help="batch rows split over M devices (default 1)")
+    s.add_argument("--coordinator", help="HOST:PORT of process 0 (or JAX_COORDINATOR_ADDRESS)")
+    s.add_argument("--num-processes", type=int, help="processes in the run (or JAX_NUM_PROCESSES)")
+    s.add_argument("--process-id", type=int, help="this process, 0-based (or JAX_PROCESS_ID)")
+    s.add_argument("--distributed-auto", action="store_true",
+                   help="let jax find the cluster (TPU pod slice, SLURM, Open MPI)")
     return p.parse_args(argv)
 
 
@@ -65,6 +76,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise UsageError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     if args.system is not None and not args.chat:
         raise UsageError("--system needs --chat")
+    if args.mesh_tensor < 1 or args.mesh_data < 1:
+        raise UsageError(f"--mesh-tensor and --mesh-data must be >= 1, got {args.mesh_tensor} and {args.mesh_data}")
     prompts = list(args.prompt)
     if args.prompts_file:
         path = Path(args.prompts_file)
@@ -93,11 +106,12 @@ def main(argv=None) -> int:
     from llama_jax.checkpoint import CheckpointError
     from llama_jax.config import ConfigError
     from llama_jax.generation import GenerationError
+    from llama_jax.sharding import ShardingError
     from llama_jax.tokenizer import TokenizerError
 
     try:
         return run(args, prompts)
-    except (UsageError, CheckpointError, ConfigError, TokenizerError, GenerationError) as e:
+    except (UsageError, CheckpointError, ConfigError, TokenizerError, GenerationError, ShardingError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -106,12 +120,22 @@ def main(argv=None) -> int:
 
 
 def run(args: argparse.Namespace, prompts: list[str]) -> int:
+    import jax
+
+    from llama_jax import sharding as sh
     from llama_jax.chat import encode_chat
-    from llama_jax.checkpoint import TOKENIZER_FILE, load_config, load_params
+    from llama_jax.checkpoint import TOKENIZER_FILE, load_config
     from llama_jax.generation import Generator
     from llama_jax.sampling import SamplingParams
     from llama_jax.tokenizer import load_tokenizer
 
+    sh.initialize_distributed(sh.Distributed.from_env(args.coordinator, args.num_processes, args.process_id,
+                                                      args.distributed_auto))
+    mesh = None
+    if args.mesh_data * args.mesh_tensor > 1 or jax.process_count() > 1:
+        mesh = sh.make_mesh(sh.MeshShape(args.mesh_data, 1, args.mesh_tensor))
+    if jax.process_index() != 0:  # every process runs the same generation; one prints it
+        sys.stdout = open(os.devnull, "w")
     model_dir = Path(args.checkpoint)
     if not model_dir.is_dir():
         raise UsageError(f"--checkpoint {model_dir}: folder not found (expected a model folder from "
@@ -133,7 +157,7 @@ def run(args: argparse.Namespace, prompts: list[str]) -> int:
     else:
         encoded = [tok.encode(p, bos=True, eos=False) for p in prompts]
 
-    gen = Generator(load_params(model_dir, config), config, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    gen = Generator.from_checkpoint(model_dir, config, mesh=mesh, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     options = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, chunk_size=args.chunk_size)
     if encoded:

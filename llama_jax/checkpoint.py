@@ -15,7 +15,7 @@ import contextlib
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -72,6 +72,30 @@ def load_params(model_dir: str | Path, config: LlamaConfig, shardings: Any = Non
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), expected, shardings)
     with _quiet_step_metadata():
         return ocp.StandardCheckpointer().restore(params_dir, target)
+
+
+def load_param_leaves(model_dir: str | Path, config: LlamaConfig, shardings: Any) -> Iterator[tuple[tuple, Any]]:
+    """(path, array) for one parameter at a time, placed by `shardings` (a tree like `init_params`'), read with
+    Orbax's partial restore: a caller that re-lays each leaf out before asking for the next never holds two
+    copies of the model."""
+    params_dir = resolve_params_dir(model_dir).absolute()
+    expected = verify_params(params_dir, config)
+    checkpointer = ocp.PyTreeCheckpointer()
+    for (path, spec), sharding in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(shardings)):
+        keys = tuple(k.key for k in path)
+        target = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sharding)
+        root = node = {}
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = target
+        args = jax.tree.map(lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape, dtype=t.dtype),
+                            root)
+        with _quiet_step_metadata():
+            tree = checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(
+                item=root, restore_args=args, partial_restore=True))
+        for k in keys:
+            tree = tree[k]
+        yield keys, tree
 
 
 def verify_params(params_dir: Path, config: LlamaConfig) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -52,13 +53,19 @@ class KVCache(NamedTuple):
         return self._replace(index=self.index + n)
 
 
+# Logical axes: under a mesh's rules (sharding.activate) the cache is sharded with its rows and its KV heads.
+CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
+
+
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:
     """An empty cache, laid out for `config.scan_layers` (stacked) or the unrolled layers (a tuple)."""
     shape = (batch, config.kv_heads, max_len, config.head_dim)
     dtype = dtype or config.compute_dtype
     if config.scan_layers:
-        k, v = jnp.zeros((config.n_layers, *shape), dtype), jnp.zeros((config.n_layers, *shape), dtype)
+        k, v = (nn.with_logical_constraint(jnp.zeros((config.n_layers, *shape), dtype), ("layers", *CACHE_AXES))
+                for _ in "kv")
     else:
-        k = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
-        v = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layers))
-    return KVCache(k=k, v=v, positions=jnp.full((batch, max_len), -1, jnp.int32), index=jnp.zeros((), jnp.int32))
+        k, v = (tuple(nn.with_logical_constraint(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(config.n_layers))
+                for _ in "kv")
+    positions = nn.with_logical_constraint(jnp.full((batch, max_len), -1, jnp.int32), ("batch", "length"))
+    return KVCache(k=k, v=v, positions=positions, index=jnp.zeros((), jnp.int32))

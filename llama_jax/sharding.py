@@ -104,6 +104,18 @@ def make_mesh(shape: MeshShape, devices: list | None = None) -> Mesh:
     return Mesh(grid, MESH_AXES)
 
 
+def as_auto_mesh(mesh: Mesh) -> Mesh:
+    """`mesh` with this project's three axes (any it lacks added with size 1) and Auto axis types, whatever made it:
+    e.g. `jax.make_mesh((8,), ("tensor",))`, whose Explicit axes would make every operation state its sharding."""
+    unknown = [a for a in mesh.axis_names if a not in MESH_AXES]
+    if unknown:
+        raise ShardingError(f"mesh axes {list(mesh.axis_names)}: expected names among {list(MESH_AXES)}")
+    grid = np.asarray(mesh.devices).reshape([mesh.shape.get(a, 1) for a in mesh.axis_names])
+    grid = np.moveaxis(grid, [mesh.axis_names.index(a) for a in MESH_AXES if a in mesh.axis_names],
+                       range(len(mesh.axis_names)))
+    return Mesh(grid.reshape([mesh.shape.get(a, 1) for a in MESH_AXES]), MESH_AXES)
+
+
 def mesh_shape(mesh: Mesh) -> MeshShape:
     return MeshShape(*(mesh.shape[a] for a in MESH_AXES))
 

@@ -12,6 +12,7 @@ import collections
 from functools import partial
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -74,7 +75,9 @@ def prefill(params, tokens, positions, active, key, inputs: SamplingInputs, *, c
         _, cache = forward(params, tokens[:, :-1], positions[:, :-1], cache, config=config, ops=ops)
     logits, cache = forward(params, tokens[:, -1:], positions[:, -1:], cache, config=config, ops=ops)
     first = jnp.where(active, _sample(logits[:, 0], key, 0, switches, inputs), inputs.pad_id)
-    out = jnp.full((batch, new_bucket), inputs.pad_id, jnp.int32).at[:, 0].set(first)
+    # Replicated on a mesh: every process reads the new ids back.
+    out = nn.with_logical_constraint(jnp.full((batch, new_bucket), inputs.pad_id, jnp.int32), (None, None))
+    out = out.at[:, 0].set(first)
     return DecodeState(cache=cache, tokens=out, last=first, position=positions[:, -1] + 1,
                        done=~active | _finished(first, inputs.stop_ids), step=jnp.ones((), jnp.int32), key=key)
 

@@ -13,6 +13,7 @@ with other prompts of similar size reuses the compiled functions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator, Sequence
@@ -21,11 +22,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from llama_jax import sharding as sh
 from llama_jax.config import LlamaConfig
 from llama_jax.inference import engine
 from llama_jax.inference.engine import MAX_STOP_IDS, DecodeState, SamplingInputs
-from llama_jax.inference.weights import decoding_params, is_packed, why_not_packed
+from llama_jax.inference.weights import (Layout, decoding_config, decoding_params, is_packed, load_decoding_params,
+                                         tensor_size, why_not_packed)
 from llama_jax.kernels import decode_compiler_options, select_ops
 from llama_jax.sampling import GREEDY, SamplingParams
 
@@ -65,6 +69,9 @@ def next_power_of_two(n: int, minimum: int = 1) -> int:
 class Generator:
     """Holds the parameters, laid out for decoding, and serves generate / stream calls.
 
+    mesh: a `jax.sharding.Mesh` with axes among (data, tensor) (and fsdp, of size 1): weights tensor-parallel
+    (heads, mlp and vocab over `tensor`), batch rows over `data`, the KV cache sharded with its KV heads, all
+    through the model's logical axes (llama_jax.sharding.RULES). None: one device.
     scan_layers: False (default) unrolls the layers in the compiled functions (the weights are unstacked once,
     here): under a scan, XLA:CPU copies each layer's weights out of the stacked arrays at every step. Unrolling
     costs compile time, linear in n_layers.
@@ -74,19 +81,39 @@ class Generator:
     (GenerationError where it cannot); False keeps XLA's dot. Packing copies the weights once, here.
     """
 
-    def __init__(self, params: Any, config: LlamaConfig, *, stop_ids: Sequence[int] = (), pad_id: int = 0,
-                 scan_layers: bool = False, min_prompt_bucket: int = 16,
-                 compiler_options: dict[str, Any] | None = None, packed_weights: bool | None = None):
+    def __init__(self, params: Any, config: LlamaConfig, **options: Any):
         if is_packed(params):
             raise GenerationError("the parameters are already packed: pass the unpacked ones (the Generator packs "
                                   "them itself)")
-        reason = None if packed_weights is False else why_not_packed(config)
+        self._configure(config, **options)
+        self.params = decoding_params(params, self.layout)
+
+    @classmethod
+    def from_checkpoint(cls, model_dir, config: LlamaConfig | None = None, **options: Any) -> "Generator":
+        """A Generator over a model or run folder, whose parameters are read straight into their decoding layout
+        and shards one leaf at a time: no host or device holds a second copy of the weights."""
+        from llama_jax.checkpoint import load_config
+
+        self = cls.__new__(cls)
+        self._configure(config or load_config(model_dir), **options)
+        self.params = load_decoding_params(model_dir, self.layout)
+        return self
+
+    def _configure(self, config: LlamaConfig, *, mesh=None, stop_ids: Sequence[int] = (), pad_id: int = 0,
+                   scan_layers: bool = False, min_prompt_bucket: int = 16,
+                   compiler_options: dict[str, Any] | None = None, packed_weights: bool | None = None) -> None:
+        self.mesh = None if mesh is None else sh.as_auto_mesh(mesh)
+        tensor = tensor_size(self.mesh)
+        for name, size in (("n_heads", config.n_heads), ("hidden_dim", config.hidden_dim)):
+            if size % tensor:
+                raise GenerationError(f"model {name}={size} is not divisible by the mesh's tensor axis ({tensor})")
+        reason = None if packed_weights is False else why_not_packed(config, self.mesh)
         if packed_weights and reason:
             raise GenerationError(f"packed_weights=True, but {reason}")
         self.packed_weights = packed_weights is not False and reason is None
-        self.config = config.replace(remat_policy="none", scan_layers=scan_layers)
+        self.config = decoding_config(config, self.mesh, scan_layers)
+        self.layout = Layout(config, self.config, self.mesh, self.packed_weights)
         self.ops = select_ops(self.config)
-        self.params = decoding_params(params, self.config, packed=self.packed_weights)
         stop_ids = sorted(set(int(i) for i in stop_ids))
         if len(stop_ids) > MAX_STOP_IDS:
             raise GenerationError(f"at most {MAX_STOP_IDS} stop ids are supported, got {len(stop_ids)}")
@@ -121,7 +148,8 @@ class Generator:
         return min(max_new_tokens, limit - max(len(p) for p in prompts))
 
     def _left_pad(self, prompts: Sequence[Sequence[int]]):
-        batch = next_power_of_two(len(prompts))
+        data = 1 if self.mesh is None else self.mesh.shape["data"]
+        batch = -(-next_power_of_two(len(prompts)) // data) * data  # rows split evenly over the data axis
         length = next_power_of_two(max(len(p) for p in prompts), self.min_prompt_bucket)
         tokens = np.full((batch, length), self.pad_id, np.int32)
         positions = np.full((batch, length), -1, np.int32)
@@ -138,7 +166,7 @@ class Generator:
 
     def _start(self, prompts, max_new_tokens, sampling: SamplingParams, seed: int):
         max_new = self.check(prompts, max_new_tokens)
-        tokens, positions, active = self._left_pad(prompts)
+        tokens, positions, active = (self._rows(x) for x in self._left_pad(prompts))
         new_bucket = next_power_of_two(max_new, 8)
         inputs = self._inputs(sampling)
         args = (self.params, tokens, positions, active, jax.random.key(seed), inputs)
@@ -153,11 +181,20 @@ class Generator:
         key = ("decode", state.tokens.shape, state.cache.positions.shape, sampling.switches)
         return self._compiled(key, engine.decode, args, static)(*args)
 
+    def _rows(self, x: np.ndarray):
+        """A host array of batch rows as a global array split over the data axis (each process reads the rows its
+        own devices hold); unchanged without a mesh."""
+        if self.mesh is None:
+            return x
+        sharding = NamedSharding(self.mesh, P(sh.BATCH_AXES, *(None,) * (x.ndim - 1)))
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
     def _compiled(self, key, fn, args, static):
         """The executable for `key`, compiled ahead of time on first use (so compile time is measured apart)."""
         if key not in self.executables:
             t0 = time.perf_counter()
-            lowered = fn.lower(*args, **static)
+            with sh.activate(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+                lowered = fn.lower(*args, **static)
             try:
                 self.executables[key] = lowered.compile(compiler_options=self.compiler_options)
             except jax.errors.JaxRuntimeError as e:
