@@ -30,7 +30,7 @@ from pathlib import Path
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from llama_jax.config import PRESETS
-    from llama_jax.train import TrainConfig
+    from llama_jax.training import TrainConfig
 
     d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     p = argparse.ArgumentParser(prog="train.py", description=__doc__,
@@ -110,7 +110,7 @@ MODEL_FLAGS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
 
 
 def model_overrides(args: argparse.Namespace) -> dict:
-    from llama_jax.train import TrainError
+    from llama_jax.training import TrainError
 
     overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
     for item in args.set:
@@ -127,7 +127,7 @@ def model_overrides(args: argparse.Namespace) -> dict:
 def build_config(args: argparse.Namespace):
     """TrainConfig from (saved run settings when resuming) < (preset training defaults) < explicit flags."""
     from llama_jax.model import default_attention_impl
-    from llama_jax.train import TRAIN_CONFIG_FILE, TRAIN_PRESETS, ModelSpec, TrainConfig, TrainError, default_dtype
+    from llama_jax.training import TRAIN_CONFIG_FILE, TRAIN_PRESETS, ModelSpec, TrainConfig, TrainError, default_dtype
 
     explicit = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     overrides = model_overrides(args)
@@ -152,7 +152,7 @@ def build_config(args: argparse.Namespace):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from llama_jax import sharding
-    from llama_jax.train import NonFiniteLoss, error_line, prepare, train, user_errors
+    from llama_jax.training import NonFiniteLoss, error_line, prepare, train, user_errors
 
     try:
         sharding.initialize_distributed(sharding.Distributed.from_env(
