@@ -9,7 +9,7 @@ The run folder doubles as a model folder for generation:
       metrics.jsonl, tensorboard/, loss.png
 
 One file per job: config (settings and errors), step (the jitted step), state (shardings and checkpoints),
-metrics and progress (what a run reports), setup (checks before device work), loop (the run itself).
+metrics and progress (what a run reports), setup (checks before device work), loop (the run itself), demo.
 """
 
 from llama_jax.training.config import (DEMO_TRAIN, METRICS_FILE, SHAPE_FIELDS, TRAIN_CONFIG_FILE, TRAIN_PRESETS,
