@@ -2,7 +2,11 @@
 """Train or fine-tune a LLaMA model on text files, on one CPU, one GPU, a GPU node or a TPU pod slice.
 
 Examples:
-  # the no-download demo: tokenizer + a tiny model on CPython's own documentation
+  # the no-download demo in one command: data/pydoc + data/pydoc.model under the current folder (kept for the
+  # next time), the demo preset trained into runs/demo, then a greedy sample for 'The "with" statement'
+  python train.py --demo
+
+  # the same demo step by step
   python -m llama_jax.train_tokenizer --pydoc-topics data/pydoc --output data/pydoc.model
   python train.py --preset demo --data data/pydoc --tokenizer data/pydoc.model --run-dir runs/demo
 
@@ -30,7 +34,7 @@ from pathlib import Path
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from llama_jax.config import PRESETS
-    from llama_jax.train import TrainConfig
+    from llama_jax.training import TrainConfig
 
     d = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     p = argparse.ArgumentParser(prog="train.py", description=__doc__,
@@ -52,9 +56,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="override any LlamaConfig field, e.g. --set n_layers=8 (repeatable; VALUE is JSON)")
 
     t = p.add_argument_group("data and run")
+    t.add_argument("--demo", action="store_true",
+                   help="the no-download demo: writes CPython's pydoc topics to data/pydoc and trains the "
+                        "tokenizer data/pydoc.model on them (relative to the current folder; skipped when "
+                        "data/pydoc.model exists), trains --preset demo into --run-dir (default runs/demo), then "
+                        "prints a greedy sample. Flags given with it override the demo's settings (a --steps "
+                        "shorter than its 30 warmup steps warms up for 5%% of them); --resume continues it")
     t.add_argument("--data", help="a text file or a folder of .txt/.md/.rst/.jsonl files")
     t.add_argument("--tokenizer", help="tokenizer.model (default: the --init-from model's)")
-    t.add_argument("--run-dir", required=True, help="checkpoints, metrics and config.json go here")
+    t.add_argument("--run-dir", help="checkpoints, metrics and config.json go here (required without --demo)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
     t.add_argument("--seed", type=int, help=f"parameter init and data order (default: {d['seed']})")
 
@@ -98,7 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--process-id", type=int, help="this process, 0-based (or JAX_PROCESS_ID)")
     s.add_argument("--distributed-auto", action="store_true",
                    help="let jax find the cluster (TPU pod slice, SLURM, Open MPI)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.run_dir is None and not args.demo:
+        p.error("the following arguments are required: --run-dir")
+    return args
 
 
 TRAIN_FLAGS = ("data", "tokenizer", "run_dir", "seed", "steps", "batch_size", "grad_accum", "seq_len", "lr",
@@ -110,7 +123,7 @@ MODEL_FLAGS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
 
 
 def model_overrides(args: argparse.Namespace) -> dict:
-    from llama_jax.train import TrainError
+    from llama_jax.training import TrainError
 
     overrides = {k: getattr(args, k) for k in MODEL_FLAGS if getattr(args, k) is not None}
     for item in args.set:
@@ -127,7 +140,7 @@ def model_overrides(args: argparse.Namespace) -> dict:
 def build_config(args: argparse.Namespace):
     """TrainConfig from (saved run settings when resuming) < (preset training defaults) < explicit flags."""
     from llama_jax.kernels import default_attention_impl
-    from llama_jax.train import TRAIN_CONFIG_FILE, TRAIN_PRESETS, ModelSpec, TrainConfig, TrainError, default_dtype
+    from llama_jax.training import TRAIN_CONFIG_FILE, TRAIN_PRESETS, ModelSpec, TrainConfig, TrainError, default_dtype
 
     explicit = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     overrides = model_overrides(args)
@@ -149,11 +162,33 @@ def build_config(args: argparse.Namespace):
     return TrainConfig(**{**TRAIN_PRESETS.get(args.preset or "", {}), **explicit, "model": spec})
 
 
+def demo_defaults(args: argparse.Namespace) -> bool:
+    """--demo: fills in the flags of the step-by-step demo commands and makes their corpus and tokenizer.
+
+    False when that failed (the tokenizer step has printed why).
+    """
+    from llama_jax.training import TRAIN_CONFIG_FILE, demo
+
+    args.run_dir = args.run_dir or demo.DEMO_RUN_DIR
+    if args.resume and (Path(args.run_dir) / TRAIN_CONFIG_FILE).is_file():
+        return True  # the run folder holds every setting
+    if not (args.preset or args.config or args.init_from):
+        args.preset = "demo"
+    if args.steps is not None and args.warmup_steps is None:
+        args.warmup_steps = demo.demo_warmup(args.steps)
+    if args.data is None and args.tokenizer is None:
+        args.data, args.tokenizer = demo.DEMO_CORPUS, demo.DEMO_TOKENIZER
+        return demo.make_corpus(args.data, args.tokenizer) == 0
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from llama_jax import sharding
-    from llama_jax.train import NonFiniteLoss, error_line, prepare, train, user_errors
+    from llama_jax.training import NonFiniteLoss, error_line, prepare, train, user_errors
 
+    if args.demo and not demo_defaults(args):
+        return 2
     try:
         sharding.initialize_distributed(sharding.Distributed.from_env(
             args.coordinator, args.num_processes, args.process_id, args.distributed_auto))
@@ -172,7 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"done: step {result.final_step}{loss_note}{eval_note}; "
               f"checkpoint {args.run_dir}/{result.last_checkpoint}", file=sys.stderr)
     # Stopped by SIGTERM (preemption) before the last step: a non-zero code tells a scheduler to run it again.
-    return 0 if result.final_step >= setup.tc.steps else EXIT_PREEMPTED
+    if result.final_step < setup.tc.steps:
+        return EXIT_PREEMPTED
+    if args.demo:
+        from llama_jax.training import demo
+
+        if not args.no_progress:
+            print(f"greedy sample of {demo.DEMO_SAMPLE_TOKENS} tokens from {args.run_dir}:", file=sys.stderr)
+        print(demo.sample(args.run_dir), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

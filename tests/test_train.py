@@ -31,11 +31,11 @@ TINY_FLAGS = ["--preset", "demo", "--set", "dim=64", "--set", "n_layers=2", "--s
               "--no-progress"]
 
 
-def run_cli(*args: str, devices: int = 1, timeout: int = 240):
+def run_cli(*args: str, devices: int = 1, timeout: int = 240, cwd: Path = ROOT):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": str(ROOT), **CACHE_ENV}
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
+                          timeout=timeout, env=env, cwd=cwd)
 
 
 def ok(proc):
@@ -290,3 +290,22 @@ def test_demo_learns(tmp_path):
     assert held_out < DEMO_HELD_OUT_THRESHOLD < math.log(2000)
     assert train_losses(run)[1] > 7.0  # it started from chance (ln 2000 = 7.6), not from a lucky init
     assert ckpt.load_config(run).vocab_size == 2000
+
+
+@pytest.mark.slow
+def test_demo_in_one_command(tmp_path):
+    """--demo: corpus and tokenizer under the current folder, the demo preset, then a greedy sample; again with
+    --resume, the tokenizer is reused."""
+    run = tmp_path / "run"
+    proc = ok(run_cli("--demo", "--steps", "3", "--run-dir", str(run), "--no-progress", cwd=tmp_path))
+    assert (tmp_path / "data" / "pydoc.model").is_file() and len(list((tmp_path / "data" / "pydoc").iterdir())) > 50
+    assert sorted(train_losses(run)) == [1, 2, 3]
+    assert ckpt.load_config(run).vocab_size == 2000 and (run / "tokenizer.model").is_file()
+    prompt = 'The "with" statement'
+    assert prompt in proc.stdout
+    # After 3 steps the greedy continuation is mostly newlines: text all the same, beyond print's own newline.
+    assert len(proc.stdout.split(prompt, 1)[1]) > 1
+
+    again = ok(run_cli("--demo", "--resume", "--steps", "4", "--run-dir", str(run), "--no-progress", cwd=tmp_path))
+    assert "pydoc.model" not in again.stdout and prompt in again.stdout
+    assert sorted(train_losses(run)) == [1, 2, 3, 4]

@@ -1,0 +1,110 @@
+"""One optimizer step as a pure function: the loss, gradient accumulation, AdamW and its schedule."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from llama_jax.config import LlamaConfig
+from llama_jax.kernels import Ops
+from llama_jax.model import forward
+from llama_jax.training.config import TrainConfig
+
+
+def lr_schedule(tc: TrainConfig) -> optax.Schedule:
+    return optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup_steps, tc.steps, tc.lr * tc.min_lr_ratio)
+
+
+def _decay_mask(params):
+    # No weight decay on norm gains: decaying them towards 0 fights the normalisation.
+    return jax.tree_util.tree_map_with_path(lambda path, _: "norm" not in jax.tree_util.keystr(path), params)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(tc.clip_norm),
+        optax.adamw(lr_schedule(tc), b1=tc.b1, b2=tc.b2, eps=tc.eps, weight_decay=tc.weight_decay,
+                    mask=_decay_mask))
+
+
+def loss_sums(params, inputs, targets, loss_mask, *, config: LlamaConfig, ops: Ops | None = None):
+    """(sum of masked token cross-entropies, number of counted tokens), both fp32."""
+    logits, _ = forward(params, inputs, config=config, ops=ops)  # packed, unpadded rows: positions 0..seq-1
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    mask = loss_mask.astype(jnp.float32)
+    return jnp.sum((logz - target_logits) * mask), jnp.sum(mask)
+
+
+def accumulate_gradients(params, inputs, targets, loss_mask, *, config: LlamaConfig, param_shardings=None,
+                         ops: Ops | None = None):
+    """(mean gradient, mean loss, token count) of a [grad_accum, micro, seq] batch.
+
+    Gradients of token *sums* are accumulated over micro-batches and divided by the token count of the whole
+    batch once, so accumulation over 4 micro-batches of B is the same mean as one batch of 4B.
+    """
+    if inputs.shape[0] == 1:
+        # No accumulation: differentiate the mean directly. Saves the zero-filled accumulator and the division
+        # of every gradient, each a full pass over parameter-sized memory.
+        def mean_loss(p):
+            total, count = loss_sums(p, inputs[0], targets[0], loss_mask[0], config=config, ops=ops)
+            return total / jnp.maximum(count, 1.0), count
+
+        (loss, count), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+        return grads, loss, count
+
+    grad_fn = jax.value_and_grad(lambda p, *b: loss_sums(p, *b, config=config, ops=ops), has_aux=True)
+
+    def micro(carry, batch):
+        grads, loss, count = carry
+        (l, n), g = grad_fn(params, *batch)
+        return (jax.tree.map(jnp.add, grads, g), loss + l, count + n), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    if param_shardings is not None:  # keep the accumulator as sharded as the parameters (FSDP memory)
+        zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (grads, loss_sum, count), _ = jax.lax.scan(micro, init, (inputs, targets, loss_mask))
+    denom = jnp.maximum(count, 1.0)
+    return jax.tree.map(lambda g: g / denom, grads), loss_sum / denom, count
+
+
+def train_step_fn(config: LlamaConfig, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+                  param_shardings: Any, ops: Ops | None = None) -> Callable:
+    """(state, inputs, targets, loss_mask) -> (state, metrics); batch arrays are [grad_accum, micro, seq].
+    ops: the kernels (default: select_ops(config) for this backend, chosen when the step is traced)."""
+
+    def step(state, inputs, targets, loss_mask):
+        params = state["params"]
+        grads, loss, count = accumulate_gradients(params, inputs, targets, loss_mask, config=config,
+                                                  param_shardings=param_shardings, ops=ops)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        rng, _dropout_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))  # model has no dropout yet
+        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+                     "step": state["step"] + 1, "rng": jax.random.key_data(rng)}
+        # A finite loss says the *old* parameters were fine; the checkpoint holds the new ones. Finite old
+        # parameters and finite gradients (a finite norm) give finite AdamW updates, hence finite new parameters:
+        # checking the norm spares a pass over every parameter. It is the computation the clipping step makes,
+        # so XLA computes it once for both.
+        grad_norm = _tree_norm(grads)
+        metrics = {"loss": loss, "tokens": count, "grad_norm": grad_norm,
+                   "lr": schedule(state["step"]), "params_finite": jnp.isfinite(grad_norm)}
+        return new_state, metrics
+
+    return step
+
+
+# What optax.clip_by_global_norm computes: optax.tree.norm, optax.global_norm before optax 0.2.5.
+_tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
+
+def eval_step_fn(config: LlamaConfig, ops: Ops | None = None) -> Callable:
+    """(params, inputs, targets, loss_mask) -> loss_sums of one [1, micro, seq] held-out batch."""
+
+    def step(params, inputs, targets, loss_mask):
+        return loss_sums(params, inputs[0], targets[0], loss_mask[0], config=config, ops=ops)
+
+    return step
