@@ -345,3 +345,30 @@ def test_cli_bad_flag_value_gives_one_error_line(cli, capsys):
         cli.main(["--checkpoint", "x", "--prompt", "y", "--temperature", "warm"])
     assert exit_info.value.code == 2
     assert "--temperature" in _error_line(capsys)
+
+
+def test_from_checkpoint_reads_each_leaf_into_place_without_a_second_copy(tmp_path, monkeypatch):
+    from llama_jax import checkpoint as ckpt
+    from llama_jax.inference import weights
+
+    ckpt.save_model(tmp_path / "model", PARAMS, CONFIG, None)
+    reads, read_leaves = [], ckpt.load_param_leaves
+
+    def spy(*args):  # after each leaf, what the process holds: the layout made so far and nothing more
+        for path, leaf in read_leaves(*args):
+            reads.append(leaf.nbytes)
+            yield path, leaf
+            reads.append(sum(a.nbytes for a in jax.live_arrays()) - baseline)
+
+    monkeypatch.setattr(weights.ckpt, "load_param_leaves", spy)
+    baseline = sum(a.nbytes for a in jax.live_arrays())
+    gen = Generator.from_checkpoint(tmp_path / "model", stop_ids=[], packed_weights=False)
+    total = sum(leaf.nbytes for leaf in jax.tree.leaves(gen.params))
+    assert total == sum(leaf.nbytes for leaf in jax.tree.leaves(PARAMS)) and "layers_1" in gen.params
+    stored, held = reads[0::2], reads[1::2]
+    assert len(held) == len(jax.tree.leaves(PARAMS))
+    # In the end the layout and nothing else (a few bytes of jax's own constants aside): no stored leaf is kept.
+    assert total <= held[-1] < total + min(stored)
+    assert held == sorted(held)  # grows by one leaf's decoding form at a time
+    assert gen.generate(list(PROMPTS), max_new_tokens=N_NEW).tokens == \
+        Generator(PARAMS, CONFIG, packed_weights=False).generate(list(PROMPTS), max_new_tokens=N_NEW).tokens

@@ -6,10 +6,7 @@ flag only works before jax starts, and this pytest process has long started it.
 
 import json
 import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,25 +15,11 @@ import torch
 from hf_reference import hf_logits, random_meta_state
 from llama_jax import sharding as sh
 from llama_jax.config import LlamaConfig
-from subprocess_env import CACHE_ENV
+from subprocess_env import free_port, last_json, run_processes, run_python
 
-ROOT = Path(__file__).resolve().parents[1]
 # kv heads (2) do not divide the 4-way tensor axis: they must fall back to replicated, not fail.
 SMALL = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=64)
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (1, 2, 4)]
-
-
-def run_python(code: str, *args: str, devices: int = 8, timeout: int = 240, env: dict | None = None):
-    full_env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-                "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "JAX_PLATFORMS": "cpu",
-                **CACHE_ENV, **(env or {})}
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
-                          env=full_env, cwd=ROOT)
-
-
-def last_json(proc) -> dict:
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # --- pure logic --------------------------------------------------------------------------------------------------
@@ -179,30 +162,13 @@ print(json.dumps({"process": jax.process_index(), "processes": jax.process_count
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_processes_train_in_lockstep_and_match_one(tmp_path, corpus):
     text, tok = corpus
-    port = str(_free_port())
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **CACHE_ENV}
-    procs = [subprocess.Popen([sys.executable, "-c", MULTIPROCESS_SCRIPT, str(i), "2", port, str(tmp_path / "multi"),
-                               str(text), str(tok)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env, cwd=ROOT) for i in range(2)]
-    outs = []
-    for p in procs:
-        try:
-            stdout, stderr = p.communicate(timeout=240)
-        finally:
-            if p.poll() is None:
-                p.kill()
-        assert p.returncode == 0, stderr[-3000:]
-        outs.append(json.loads(stdout.strip().splitlines()[-1]))
+    port = str(free_port())
+    outs = [json.loads(out.strip().splitlines()[-1]) for out in run_processes(
+        [[sys.executable, "-c", MULTIPROCESS_SCRIPT, str(i), "2", port, str(tmp_path / "multi"), str(text), str(tok)]
+         for i in range(2)], devices=2)]
     single = last_json(run_python(MULTIPROCESS_SCRIPT, "0", "1", "0", str(tmp_path / "single"), str(text), str(tok),
                                   devices=4))
 
