@@ -40,6 +40,7 @@ RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("lora_rank", None),
 )
 
 

@@ -18,10 +18,11 @@ import jax.numpy as jnp
 from llama_jax.config import LlamaConfig
 from llama_jax.kernels import attention as attn
 from llama_jax.kernels.dense import dense
+from llama_jax.kernels.lora import LoraWeight
 from llama_jax.kernels.packed_matmul import PackedWeight
 from llama_jax.kernels.remat import REMAT_POLICIES
 
-__all__ = ["Ops", "PackedWeight", "decode_compiler_options", "default_attention_impl", "select_ops"]
+__all__ = ["LoraWeight", "Ops", "PackedWeight", "decode_compiler_options", "default_attention_impl", "select_ops"]
 
 GPU_BACKENDS = ("gpu", "cuda", "rocm")
 
@@ -33,7 +34,7 @@ class Ops:
     cache_kernel: str = "einsum"
 
     def dense(self, x, w, n_in: int = 1):
-        """x [*batch, *in] times w [*in, *out] (an array or a PackedWeight), contracting n_in axes."""
+        """x [*batch, *in] times w [*in, *out] (an array, a PackedWeight or a LoraWeight), contracting n_in axes."""
         return dense(x, w, n_in, self.dense_kernel)
 
     def attention(self, q, k, v, *, q_positions=None, kv_positions=None, kv_len=None, heads_first: bool = False):

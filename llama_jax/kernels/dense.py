@@ -1,7 +1,8 @@
 """Weight products: every matmul of the model is `dense(x, w, n_in)`, x [*batch, *in] times w [*in, *out].
 
-Three kernels serve it: XLA's dot ("xla"), the same dot with a CPU-friendly weight gradient ("cpu"), and, for a
-weight the Generator packed (a `PackedWeight` leaf), the packed CPU decoding kernel, which has no gradient.
+Two kernels serve a plain weight: XLA's dot ("xla") and the same dot with a CPU-friendly weight gradient ("cpu").
+A weight's leaf type can ask for more: a `PackedWeight` (packed by the Generator) runs the packed CPU decoding
+kernel, which has no gradient; a `LoraWeight` adds its low-rank adapters' product to its base's.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.kernels import packed_matmul
+from llama_jax.kernels.lora import LoraWeight, lora_dense
 from llama_jax.kernels.packed_matmul import PackedWeight
 
 
@@ -20,6 +22,8 @@ def dense(x, w, n_in: int = 1, kernel: str = "xla"):
     """x times w, contracting the n_in trailing axes of x with the n_in leading axes of w, in x's dtype."""
     if isinstance(w, PackedWeight):
         return _packed_dense(x, w, n_in)
+    if isinstance(w, LoraWeight):
+        return lora_dense(x, w, n_in, lambda x, base, n_in: dense(x, base, n_in, kernel))
     w = w.astype(x.dtype)
     if kernel == "cpu":
         return _dense_canonical_grads(x, w, n_in)

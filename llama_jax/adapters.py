@@ -1,0 +1,108 @@
+"""LoRA adapters on the weight products: made, attached to a base model's parameters, merged into them.
+
+Adapters live in their own small tree, shaped like the parameters they adapt,
+`{"layers": {"attention": {"wq": {"a": [L, dim, rank], "b": [L, rank, heads, head_dim]}}}}`, so that training can
+differentiate and checkpoint that tree alone. `attach` wraps each adapted weight in a `LoraWeight` leaf, which the
+model multiplies as base + (alpha / rank)·a·b without forming the sum.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from llama_jax.config import ConfigError, LlamaConfig
+from llama_jax.kernels import LoraWeight
+from llama_jax.meta_weights import LAYER_WEIGHTS
+from llama_jax.model import param_logical_axes
+
+# The weight products LoRA can adapt, by our name, with their path inside a layer and input axes.
+TARGETS = {w.path[1]: w for w in LAYER_WEIGHTS if w.n_in}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int
+    alpha: float
+    targets: tuple[str, ...] = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ConfigError(f"--lora-rank={self.rank}: must be >= 1")
+        if not self.alpha > 0:
+            raise ConfigError(f"--lora-alpha={self.alpha}: must be > 0")
+        unknown = [t for t in self.targets if t not in TARGETS]
+        if unknown or not self.targets:
+            raise ConfigError(f"--lora-targets {','.join(self.targets)}: expected names among {','.join(TARGETS)}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--lora-dropout={self.dropout}: expected 0 <= p < 1")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def init_adapters(config: LlamaConfig, lora: LoraConfig, key: jax.Array) -> dict[str, Any]:
+    """a uniform in ±1/sqrt(fan_in) (peft's default), b zero: the adapted model starts as the base model."""
+    shapes = _shapes(config, lora)
+    tree: dict[str, Any] = {}
+    for (target, (a_shape, b_shape)), k in zip(shapes.items(), jax.random.split(key, len(shapes))):
+        fan_in = math.prod(a_shape[1:-1])
+        module = TARGETS[target].path[0]
+        tree.setdefault(module, {})[target] = {
+            "a": jax.random.uniform(k, a_shape, jnp.float32, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in)),
+            "b": jnp.zeros(b_shape, jnp.float32)}
+    return {"layers": tree}
+
+
+def adapter_logical_axes(config: LlamaConfig, lora: LoraConfig) -> dict[str, Any]:
+    """PartitionSpecs shaped like `init_adapters`: a keeps its weight's input axes, b its output axes, and the rank
+    axis is replicated, so a mesh shards adapters the way it shards their weights."""
+    axes = param_logical_axes(config)["layers"]
+    tree: dict[str, Any] = {}
+    for target in lora.targets:
+        module, name = TARGETS[target].path
+        spec, n_in = tuple(axes[module][name]), TARGETS[target].n_in
+        tree.setdefault(module, {})[target] = {"a": P(*spec[:1 + n_in], "lora_rank"),
+                                               "b": P(spec[0], "lora_rank", *spec[1 + n_in:])}
+    return {"layers": tree}
+
+
+def attach(params: dict[str, Any], adapters: dict[str, Any], lora: LoraConfig) -> dict[str, Any]:
+    """params with each adapted weight replaced by LoraWeight(base, a, b)."""
+    layers = {module: dict(sub) for module, sub in params["layers"].items()}
+    for module, targets in adapters["layers"].items():
+        for name, ab in targets.items():
+            layers[module][name] = LoraWeight(layers[module][name], ab["a"], ab["b"], scale=lora.scale)
+    return {**params, "layers": layers}
+
+
+def merge(params: dict[str, Any], adapters: dict[str, Any], lora: LoraConfig) -> dict[str, Any]:
+    """An ordinary parameter tree: base + scale·a·b for each adapted weight, summed in fp32, stored in the base's
+    dtype."""
+    layers = {module: dict(sub) for module, sub in params["layers"].items()}
+    for module, targets in adapters["layers"].items():
+        for name, ab in targets.items():
+            base = layers[module][name]
+            layers[module][name] = (base.astype(jnp.float32) + lora.scale * _delta(ab)).astype(base.dtype)
+    return {**params, "layers": layers}
+
+
+def _delta(ab: dict[str, jax.Array]) -> jax.Array:
+    """a·b per layer: [L, *in, rank] x [L, rank, *out] -> [L, *in, *out]."""
+    return jax.vmap(lambda a, b: jnp.tensordot(a, b, 1), in_axes=(0, 0))(ab["a"], ab["b"])
+
+
+def _shapes(config: LlamaConfig, lora: LoraConfig) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    out = {}
+    for target in lora.targets:
+        w = TARGETS[target]
+        shape = tuple(getattr(config, name) for name in w.shape)
+        out[target] = ((config.n_layers, *shape[:w.n_in], lora.rank), (config.n_layers, lora.rank, *shape[w.n_in:]))
+    return out
