@@ -23,11 +23,9 @@ def _check_messages(dialog: Sequence[Message]) -> None:
             raise ValueError(f"message {i} must be a dict with str 'role' and 'content', got {msg!r}")
 
 
-def encode_llama2_dialog(tok: Tokenizer, dialog: Sequence[Message]) -> list[int]:
-    """Prompt ids for a Llama 2 chat model, as Meta's `Llama.chat_completion` builds them.
-
-    Roles: an optional first "system", then "user"/"assistant" alternating, ending with "user".
-    """
+def _llama2_turns(dialog: Sequence[Message], *, ending: str | None) -> list[Message]:
+    """The dialog as Meta's Llama 2 code sees it: a system message folded into the first user message, then
+    user and assistant alternating, ending with `ending` (None: either)."""
     _check_messages(dialog)
     # Meta answers such requests with an error text instead of generating; refusing to encode is the equivalent.
     for i, msg in enumerate(dialog):
@@ -41,17 +39,29 @@ def encode_llama2_dialog(tok: Tokenizer, dialog: Sequence[Message]) -> list[int]
         first = {"role": dialog[1]["role"], "content": B_SYS + dialog[0]["content"] + E_SYS + dialog[1]["content"]}
         dialog = [first, *dialog[2:]]
     roles = [msg["role"] for msg in dialog]
-    if any(r != "user" for r in roles[::2]) or any(r != "assistant" for r in roles[1::2]) or roles[-1] != "user":
+    if (any(r != "user" for r in roles[::2]) or any(r != "assistant" for r in roles[1::2])
+            or (ending is not None and roles[-1] != ending)):
         raise ValueError(
-            "Llama 2 chat supports an optional 'system' message, then 'user' and 'assistant' alternating and "
-            f"ending with 'user'; got roles {given_roles}"
+            "Llama 2 chat supports an optional 'system' message, then 'user' and 'assistant' alternating"
+            f"{f' and ending with {ending!r}' if ending else ''}; got roles {given_roles}"
         )
+    return list(dialog)
+
+
+def _llama2_prompt(msg: Message) -> str:
+    return f"{B_INST} {msg['content'].strip()} {E_INST}"
+
+
+def encode_llama2_dialog(tok: Tokenizer, dialog: Sequence[Message]) -> list[int]:
+    """Prompt ids for a Llama 2 chat model, as Meta's `Llama.chat_completion` builds them.
+
+    Roles: an optional first "system", then "user"/"assistant" alternating, ending with "user".
+    """
+    turns = _llama2_turns(dialog, ending="user")
     ids: list[int] = []
-    for prompt, answer in zip(dialog[::2], dialog[1::2]):
-        ids += tok.encode(f"{B_INST} {prompt['content'].strip()} {E_INST} {answer['content'].strip()} ",
-                          bos=True, eos=True)
-    ids += tok.encode(f"{B_INST} {dialog[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
-    return ids
+    for prompt, answer in zip(turns[::2], turns[1::2]):
+        ids += tok.encode(f"{_llama2_prompt(prompt)} {answer['content'].strip()} ", bos=True, eos=True)
+    return ids + tok.encode(_llama2_prompt(turns[-1]), bos=True, eos=False)
 
 
 def _llama3_header(tok: TiktokenTokenizer, role: str) -> list[int]:
@@ -72,15 +82,53 @@ def encode_llama3_dialog(
     to complete; without it they end after the last message's <|eot_id|> (for scoring or training).
     Special-token text inside content is encoded as plain text.
     """
+    ids = [i for piece, _ in _llama3_pieces(tok, dialog) for i in piece]
+    return ids + _llama3_header(tok, "assistant") if add_generation_prompt else ids
+
+
+def _llama3_pieces(tok: TiktokenTokenizer, dialog: Sequence[Message]):
+    """(ids, whether an assistant wrote them) for bos, then each message's header, content and <|eot_id|>."""
     _check_messages(dialog)
-    ids = [tok.bos_id]
+    yield [tok.bos_id], False
     for msg in dialog:
-        ids += _llama3_header(tok, msg["role"])
-        ids += tok.encode(msg["content"].strip(), bos=False, eos=False)
-        ids.append(tok.eot_id)
-    if add_generation_prompt:
-        ids += _llama3_header(tok, "assistant")
-    return ids
+        yield _llama3_header(tok, msg["role"]), False
+        yield tok.encode(msg["content"].strip(), bos=False, eos=False) + [tok.eot_id], msg["role"] == "assistant"
+
+
+def encode_training_dialog(tok: Tokenizer, dialog: Sequence[Message]) -> tuple[list[int], list[bool]]:
+    """A whole dialog in the tokenizer's chat format, for training: its ids and which of them the loss covers.
+
+    The loss covers each assistant message and the token that closes it (<|eot_id|> for Llama 3, eos for Llama 2);
+    system and user messages and the format's own headers are masked. The dialog may end with either role.
+    Llama 2 encodes an exchange as one text, `[INST] prompt [/INST] answer `, as Meta does, so the answer starts
+    where SentencePiece's pieces do: the loss covers the pieces that begin at or after the space that opens the
+    answer; a piece that straddles the end of `[/INST]` (it can merge `]` with what follows) stays prompt-side.
+    """
+    if isinstance(tok, TiktokenTokenizer):
+        pieces = list(_llama3_pieces(tok, dialog))
+        return ([i for ids, _ in pieces for i in ids], [m for ids, m in pieces for _ in ids])
+    turns = _llama2_turns(dialog, ending=None)
+    ids: list[int] = []
+    mask: list[bool] = []
+    for prompt, answer in zip(turns[::2], turns[1::2]):
+        prefix = _llama2_prompt(prompt)
+        boundary = len(prefix.encode("utf-8"))
+        pieces = _sentencepiece_spans(tok, f"{prefix} {answer['content'].strip()} ")
+        ids += [tok.bos_id, *(piece_id for piece_id, _ in pieces), tok.eos_id]
+        mask += [False, *(begin >= boundary for _, begin in pieces), True]
+    if len(turns) % 2:
+        tail = tok.encode(_llama2_prompt(turns[-1]), bos=True, eos=False)
+        ids, mask = ids + tail, mask + [False] * len(tail)
+    return ids, mask
+
+
+def _sentencepiece_spans(tok, text: str) -> list[tuple[int, int]]:
+    """(id, byte offset where the piece begins) of each piece of `text`: the ids `tok.encode` gives."""
+    try:
+        proto = tok.sp.encode(text, return_type="proto")
+    except TypeError:  # sentencepiece releases before `return_type`
+        proto = tok.sp.encode(text, out_type="immutable_proto")
+    return [(p.id, p.begin) for p in proto.pieces]
 
 
 def encode_chat(tokenizer: Tokenizer, dialog: Sequence[Message]) -> list[int]:
