@@ -37,14 +37,13 @@ def make_corpus(corpus: str = DEMO_CORPUS, tokenizer: str = DEMO_TOKENIZER) -> i
 
 def sample(run_dir: str | Path, prompt: str = DEMO_PROMPT, max_new_tokens: int = DEMO_SAMPLE_TOKENS) -> str:
     """The prompt followed by its greedy continuation from the run folder's latest checkpoint."""
-    from llama_jax.checkpoint import load_model
+    from llama_jax.checkpoint import TOKENIZER_FILE
     from llama_jax.generation import Generator
     from llama_jax.tokenizer import load_tokenizer
 
-    params, config, tokenizer_path = load_model(run_dir)
-    tok = load_tokenizer(tokenizer_path)
+    tok = load_tokenizer(Path(run_dir) / TOKENIZER_FILE)
     ids = tok.encode(prompt, bos=True, eos=False)
-    generator = Generator(params, config, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    generator = Generator.from_checkpoint(run_dir, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
     new = generator.generate([ids], max_new_tokens=max_new_tokens).tokens[0]
     # Decoded after the prompt, not alone: SentencePiece drops the leading space of a sequence's first piece.
     return prompt + tok.decode([*ids, *new])[len(tok.decode(ids)):]
