@@ -1,0 +1,142 @@
+"""Our model folder -> a Hugging Face LlamaForCausalLM folder, streamed.
+
+    config.json, generation_config.json            from LlamaConfig and the tokenizer's bos / stop ids
+    model-NNNNN-of-NNNNN.safetensors + index        Meta's tensors under HF's names, wq/wk rows permuted for HF's
+                                                    rotate-half RoPE
+    tokenizer.json, tokenizer_config.json           (hf_tokenizer) with our chat layout as the chat template
+
+Weights are read from Orbax one layer (or one block of embedding rows) at a time, by slicing the stored stacked
+arrays with TensorStore, and written straight into their safetensors file: memory is about one layer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from llama_jax import checkpoint as ckpt
+from llama_jax.config import ConfigError, LlamaConfig
+from llama_jax.convert.errors import ConvertError, one_line
+from llama_jax.convert.hf_source import HF_TOP_NAMES, hf_name, permute_to_hf
+from llama_jax.convert.hf_tokenizer import write_hf_tokenizer
+from llama_jax.convert.progress import progress_bar
+from llama_jax.convert.safetensors_writer import TensorSpec, write_sharded
+from llama_jax.convert.staging import check_output, staging_dir
+from llama_jax.meta_weights import LAYER_WEIGHTS, layer_to_meta, meta_shape
+
+DEFAULT_SHARD_BYTES = 5 * 10**9
+ROW_BLOCK_BYTES = 256 * 2**20  # embedding and head are read in row blocks of about this size
+
+
+class OrbaxSlices:
+    """Slices of the arrays of an Orbax params folder, read with TensorStore without loading whole arrays."""
+
+    def __init__(self, params_dir: Path):
+        from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+        meta = json.loads((params_dir / "_METADATA").read_text())
+        self._ts_utils, self._dir = ts_utils, str(params_dir.absolute())
+        self._zarr3, self._ocdbt = bool(meta.get("use_zarr3")), bool(meta.get("use_ocdbt", True))
+        self._context = ts_utils.get_ts_context(use_ocdbt=self._ocdbt)
+        self._stores: dict[tuple[str, ...], Any] = {}
+
+    def store(self, keys: tuple[str, ...]):
+        if keys not in self._stores:
+            import tensorstore as ts
+
+            spec = self._ts_utils.ArrayReadSpec(self._dir, ".".join(keys), use_zarr3=self._zarr3,
+                                                use_ocdbt=self._ocdbt)
+            self._stores[keys] = ts.open(spec.json, context=self._context).result()
+        return self._stores[keys]
+
+    def read(self, keys: tuple[str, ...], index) -> np.ndarray:
+        return np.asarray(self.store(keys)[index].read().result())
+
+    def dtype(self, keys: tuple[str, ...]) -> np.dtype:
+        return np.dtype(self.store(keys).dtype.numpy_dtype)
+
+
+def hf_config_json(config: LlamaConfig, dtype: np.dtype, bos: int, stops: list[int]) -> dict[str, Any]:
+    """config.json for transformers' LlamaForCausalLM (the legacy rope_theta / rope_scaling spelling that every
+    transformers release reads)."""
+    rope_scaling = None
+    if config.use_scaled_rope:
+        s = config.rope_scaling
+        rope_scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                        "high_freq_factor": s.high_freq_factor,
+                        "original_max_position_embeddings": s.original_max_seq_len}
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": config.dim,
+        "intermediate_size": config.hidden_dim, "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads, "num_key_value_heads": config.kv_heads, "head_dim": config.head_dim,
+        "vocab_size": config.vocab_size, "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta, "rope_scaling": rope_scaling,
+        "tie_word_embeddings": config.tie_embeddings, "hidden_act": "silu", "attention_bias": False,
+        "attention_dropout": 0.0, "mlp_bias": False, "initializer_range": 0.02, "pretraining_tp": 1,
+        "use_cache": True, "bos_token_id": bos, "eos_token_id": stops, "torch_dtype": str(dtype),
+    }
+
+
+def _specs(config: LlamaConfig, slices: OrbaxSlices) -> list[TensorSpec]:
+    """HF's tensors in the order they are streamed: embedding, layers in order, norm, head."""
+    vocab_rows = (config.vocab_size, config.dim)
+    specs = [TensorSpec(HF_TOP_NAMES["tok_embeddings.weight"], vocab_rows, slices.dtype(("tok_embeddings",)))]
+    for i in range(config.n_layers):
+        specs += [TensorSpec(hf_name(f"layers.{i}.{w.meta_key}"), meta_shape(w, config),
+                             slices.dtype(("layers", *w.path))) for w in LAYER_WEIGHTS]
+    specs.append(TensorSpec(HF_TOP_NAMES["norm.weight"], (config.dim,), slices.dtype(("norm", "weight"))))
+    if not config.tie_embeddings:
+        specs.append(TensorSpec(HF_TOP_NAMES["output.weight"], vocab_rows, slices.dtype(("output",))))
+    return specs
+
+
+def _blocks(config: LlamaConfig, slices: OrbaxSlices) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, block of rows) in `_specs` order; one layer is held at a time."""
+    rows = max(1, ROW_BLOCK_BYTES // (config.dim * 4))
+    blocks = [np.s_[start:min(start + rows, config.vocab_size)] for start in range(0, config.vocab_size, rows)]
+    for block in blocks:  # TensorStore, unlike numpy, refuses a slice that runs past the end
+        yield HF_TOP_NAMES["tok_embeddings.weight"], slices.read(("tok_embeddings",), block)
+    for i in range(config.n_layers):
+        layer: dict[str, dict[str, np.ndarray]] = {}
+        for w in LAYER_WEIGHTS:
+            layer.setdefault(w.path[0], {})[w.path[1]] = slices.read(("layers", *w.path), i)
+        meta = layer_to_meta(layer, config)
+        del layer
+        meta["attention.wq.weight"] = permute_to_hf(meta["attention.wq.weight"], config.n_heads)
+        meta["attention.wk.weight"] = permute_to_hf(meta["attention.wk.weight"], config.kv_heads)
+        for w in LAYER_WEIGHTS:
+            yield hf_name(f"layers.{i}.{w.meta_key}"), meta.pop(w.meta_key)
+    yield HF_TOP_NAMES["norm.weight"], slices.read(("norm", "weight"), np.s_[:])
+    if not config.tie_embeddings:
+        for block in blocks:  # ours is [dim, vocab]: HF's rows are our columns
+            yield HF_TOP_NAMES["output.weight"], slices.read(("output",), np.s_[:, block]).T
+
+
+def export_hf(model_dir: str | Path, output_dir: str | Path, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+              overwrite: bool = False, progress: bool = True) -> Path:
+    """Model folder -> HF folder that `transformers.AutoModelForCausalLM/AutoTokenizer.from_pretrained` load."""
+    model_dir, output_dir = Path(model_dir), Path(output_dir)
+    check_output(output_dir, overwrite, [model_dir])
+    try:
+        config = ckpt.load_config(model_dir)
+        params_dir = ckpt.resolve_params_dir(model_dir)
+        ckpt.verify_params(params_dir, config)
+    except (ckpt.CheckpointError, ConfigError) as e:
+        raise ConvertError(one_line(e, 300)) from None
+    tokenizer_path = model_dir / ckpt.TOKENIZER_FILE
+    if not tokenizer_path.is_file():
+        raise ConvertError(f"{tokenizer_path}: missing (needed for tokenizer.json and the bos / stop ids)")
+    slices = OrbaxSlices(params_dir)
+    specs = _specs(config, slices)
+    with staging_dir(output_dir, overwrite) as tmp, progress_bar(progress, len(specs), "exporting") as tick:
+        tok = write_hf_tokenizer(tokenizer_path, tmp, config.max_seq_len)
+        stops = sorted(tok.stop_ids)
+        hf_config = hf_config_json(config, specs[0].dtype, tok.bos_id, stops)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        generation = {"bos_token_id": tok.bos_id, "eos_token_id": stops, "pad_token_id": tok.pad_id}
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        write_sharded(tmp, specs, _blocks(config, slices), max_shard_bytes, on_tensor=tick)
+    return output_dir
