@@ -9,6 +9,7 @@ written (its LlamaTokenizer class rebuilds the pre-tokenizer and loses SentenceP
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -50,7 +51,9 @@ LLAMA2_CHAT_TEMPLATE = (
 def _import_tokenizers():
     try:
         import tokenizers
-        import transformers.convert_slow_tokenizer as slow
+
+        # The module, not transformers' top-level function of the same name that `import ... as` can return.
+        slow = importlib.import_module("transformers.convert_slow_tokenizer")
     except ImportError:  # pragma: no cover - depends on the install
         raise ConvertError("--to-hf needs transformers: pip install 'llama_jax[convert]'") from None
     return tokenizers, slow
@@ -92,16 +95,19 @@ def _sentencepiece_fast(tok: SentencePieceTokenizer):
 
 
 def write_hf_tokenizer(tokenizer_path: Path, folder: Path, max_len: int) -> Tokenizer:
-    """Writes tokenizer.json and tokenizer_config.json (and, for SentencePiece, tokenizer.model) into `folder`."""
+    """Writes tokenizer.json, tokenizer_config.json and the tokenizer file itself (Llama 3: original/) into
+    `folder`; returns our tokenizer, whose bos and stop ids the configs need."""
     try:
         tok = load_tokenizer(tokenizer_path)
     except TokenizerError as e:
         raise ConvertError(one_line(e, 300)) from None
+    # The original file travels along, where Meta's HF repositories keep it, so the folder imports back as is.
     if isinstance(tok, TiktokenTokenizer):
-        fast, template = _tiktoken_fast(tok), LLAMA3_CHAT_TEMPLATE
+        fast, template, copy = _tiktoken_fast(tok), LLAMA3_CHAT_TEMPLATE, folder / "original" / "tokenizer.model"
     else:
-        fast, template = _sentencepiece_fast(tok), LLAMA2_CHAT_TEMPLATE
-        shutil.copyfile(tokenizer_path, folder / "tokenizer.model")
+        fast, template, copy = _sentencepiece_fast(tok), LLAMA2_CHAT_TEMPLATE, folder / "tokenizer.model"
+    copy.parent.mkdir(exist_ok=True)
+    shutil.copyfile(tokenizer_path, copy)
     fast.save(str(folder / "tokenizer.json"))
     piece = fast.id_to_token
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": piece(tok.bos_id),
