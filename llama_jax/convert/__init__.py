@@ -25,5 +25,5 @@ from llama_jax.convert.safetensors_writer import parse_size
 from llama_jax.convert.tensors import to_numpy
 
 __all__ = ["ConvertError", "ConvertResult", "LazyArray", "MetaSource", "HFSource", "convert", "export_hf",
-           "export_meta", "verify_checklist", "find_shards", "load_shard", "save_lazy_tree", "unpermute_from_hf", "permute_to_hf",
-           "describe", "to_numpy", "parse_size"]
+           "export_meta", "verify_checklist", "find_shards", "load_shard", "save_lazy_tree", "unpermute_from_hf",
+           "permute_to_hf", "describe", "to_numpy", "parse_size"]
