@@ -124,6 +124,23 @@ def test_scaled_rope_matters(tmp_path):
     assert np.abs(ours - theirs).max() > 5 * 1e-4 * np.abs(theirs).max()  # 5x the tolerance used above
 
 
+def test_export_reads_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """No read returns more than one layer's largest tensor (embedding rows come in blocks of that size), so memory
+    does not grow with the number of layers or the vocabulary."""
+    config = LlamaConfig(**{**_LLAMA3, "n_layers": 6, "vocab_size": 4096}, max_seq_len=8192)
+    model_folder(tmp_path / "model", config, byte_ranks_file(tmp_path / "ranks"))
+    real, sizes = hf_export_lib.OrbaxSlices.read, []
+
+    def read(self, keys, index):
+        value = real(self, keys, index)
+        sizes.append(value.nbytes)
+        return value
+
+    monkeypatch.setattr(hf_export_lib.OrbaxSlices, "read", read)
+    export_hf(tmp_path / "model", tmp_path / "hf", progress=False)
+    assert max(sizes) == config.dim * config.hidden_dim * 4 and len(sizes) > 9 * config.n_layers
+
+
 # --- HF -> ours -> HF is exact ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype,tied", [(torch.float32, False), (torch.bfloat16, True)])

@@ -5,13 +5,14 @@
                                                     rotate-half RoPE
     tokenizer.json, tokenizer_config.json           (hf_tokenizer) with our chat layout as the chat template
 
-Weights are read from Orbax one layer (or one block of embedding rows) at a time, by slicing the stored stacked
-arrays with TensorStore, and written straight into their safetensors file: memory is about one layer.
+Weights are read from Orbax one tensor (or one block of embedding rows) at a time, by slicing the stored stacked
+arrays with TensorStore, and written straight into their safetensors file: memory is about one stored chunk.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,17 +23,23 @@ from llama_jax.config import ConfigError, LlamaConfig
 from llama_jax.convert.errors import ConvertError, one_line
 from llama_jax.convert.hf_source import HF_TOP_NAMES, hf_name, permute_to_hf
 from llama_jax.convert.hf_tokenizer import write_hf_tokenizer
+from llama_jax.convert.lazy_writer import _return_freed_memory
 from llama_jax.convert.progress import progress_bar
 from llama_jax.convert.safetensors_writer import TensorSpec, write_sharded
 from llama_jax.convert.staging import check_output, staging_dir
-from llama_jax.meta_weights import LAYER_WEIGHTS, layer_to_meta, meta_shape
+from llama_jax.meta_weights import LAYER_WEIGHTS, LayerWeight, meta_shape
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
-ROW_BLOCK_BYTES = 256 * 2**20  # embedding and head are read in row blocks of about this size
 
 
 class OrbaxSlices:
-    """Slices of the arrays of an Orbax params folder, read with TensorStore without loading whole arrays."""
+    """Slices of the arrays of an Orbax params folder, read with TensorStore without loading whole arrays.
+
+    Orbax compresses each chunk as a whole, and a chunk can be the whole stacked array (a single-device save), so
+    the array being read is opened with a cache that holds one chunk: slices read one after another decode each
+    chunk once. Only the array last read stays open, so memory is one chunk (one layer after an import, whose
+    chunks are layers).
+    """
 
     def __init__(self, params_dir: Path):
         from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
@@ -41,22 +48,26 @@ class OrbaxSlices:
         self._ts_utils, self._dir = ts_utils, str(params_dir.absolute())
         self._zarr3, self._ocdbt = bool(meta.get("use_zarr3")), bool(meta.get("use_ocdbt", True))
         self._context = ts_utils.get_ts_context(use_ocdbt=self._ocdbt)
-        self._stores: dict[tuple[str, ...], Any] = {}
+        self._keys: tuple[str, ...] | None = None
+        self._store: Any = None
 
-    def store(self, keys: tuple[str, ...]):
-        if keys not in self._stores:
-            import tensorstore as ts
+    def _open(self, keys: tuple[str, ...], cache_bytes: int = 0):
+        import tensorstore as ts
 
-            spec = self._ts_utils.ArrayReadSpec(self._dir, ".".join(keys), use_zarr3=self._zarr3,
-                                                use_ocdbt=self._ocdbt)
-            self._stores[keys] = ts.open(spec.json, context=self._context).result()
-        return self._stores[keys]
+        spec = self._ts_utils.ArrayReadSpec(self._dir, ".".join(keys), use_zarr3=self._zarr3, use_ocdbt=self._ocdbt)
+        context = ts.Context(ts.Context.Spec({"cache_pool": {"total_bytes_limit": cache_bytes}}), self._context)
+        return ts.open(spec.json, context=context).result()
 
     def read(self, keys: tuple[str, ...], index) -> np.ndarray:
-        return np.asarray(self.store(keys)[index].read().result())
+        if keys != self._keys:
+            self._keys, self._store = None, None  # the previous array's cache goes before the next one's fills
+            store = self._open(keys)
+            chunk_bytes = math.prod(store.chunk_layout.read_chunk.shape) * store.dtype.numpy_dtype.itemsize
+            self._keys, self._store = keys, self._open(keys, chunk_bytes + (1 << 20))
+        return np.asarray(self._store[index].read().result())
 
     def dtype(self, keys: tuple[str, ...]) -> np.dtype:
-        return np.dtype(self.store(keys).dtype.numpy_dtype)
+        return np.dtype(self._open(keys).dtype.numpy_dtype)
 
 
 def hf_config_json(config: LlamaConfig, dtype: np.dtype, bos: int, stops: list[int]) -> dict[str, Any]:
@@ -80,13 +91,19 @@ def hf_config_json(config: LlamaConfig, dtype: np.dtype, bos: int, stops: list[i
     }
 
 
+def _layer_names(config: LlamaConfig) -> Iterator[tuple[int, LayerWeight]]:
+    """A layer's tensors leaf by leaf (every layer's wq, then every layer's wk, ...): with Orbax chunks that span
+    all layers, any other order would need every leaf decoded at once."""
+    return ((i, w) for w in LAYER_WEIGHTS for i in range(config.n_layers))
+
+
 def _specs(config: LlamaConfig, slices: OrbaxSlices) -> list[TensorSpec]:
-    """HF's tensors in the order they are streamed: embedding, layers in order, norm, head."""
+    """HF's tensors in the order they are streamed: embedding, layer tensors, norm, head."""
     vocab_rows = (config.vocab_size, config.dim)
     specs = [TensorSpec(HF_TOP_NAMES["tok_embeddings.weight"], vocab_rows, slices.dtype(("tok_embeddings",)))]
-    for i in range(config.n_layers):
-        specs += [TensorSpec(hf_name(f"layers.{i}.{w.meta_key}"), meta_shape(w, config),
-                             slices.dtype(("layers", *w.path))) for w in LAYER_WEIGHTS]
+    dtypes = {w: slices.dtype(("layers", *w.path)) for w in LAYER_WEIGHTS}
+    specs += [TensorSpec(hf_name(f"layers.{i}.{w.meta_key}"), meta_shape(w, config), dtypes[w])
+              for i, w in _layer_names(config)]
     specs.append(TensorSpec(HF_TOP_NAMES["norm.weight"], (config.dim,), slices.dtype(("norm", "weight"))))
     if not config.tie_embeddings:
         specs.append(TensorSpec(HF_TOP_NAMES["output.weight"], vocab_rows, slices.dtype(("output",))))
@@ -94,21 +111,17 @@ def _specs(config: LlamaConfig, slices: OrbaxSlices) -> list[TensorSpec]:
 
 
 def _blocks(config: LlamaConfig, slices: OrbaxSlices) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, block of rows) in `_specs` order; one layer is held at a time."""
-    rows = max(1, ROW_BLOCK_BYTES // (config.dim * 4))
+    """(HF name, block of rows) in `_specs` order; one tensor (or block of embedding rows) at a time."""
+    rows = config.hidden_dim  # embedding and head go in blocks the size of one feed-forward weight
     blocks = [np.s_[start:min(start + rows, config.vocab_size)] for start in range(0, config.vocab_size, rows)]
     for block in blocks:  # TensorStore, unlike numpy, refuses a slice that runs past the end
         yield HF_TOP_NAMES["tok_embeddings.weight"], slices.read(("tok_embeddings",), block)
-    for i in range(config.n_layers):
-        layer: dict[str, dict[str, np.ndarray]] = {}
-        for w in LAYER_WEIGHTS:
-            layer.setdefault(w.path[0], {})[w.path[1]] = slices.read(("layers", *w.path), i)
-        meta = layer_to_meta(layer, config)
-        del layer
-        meta["attention.wq.weight"] = permute_to_hf(meta["attention.wq.weight"], config.n_heads)
-        meta["attention.wk.weight"] = permute_to_hf(meta["attention.wk.weight"], config.kv_heads)
-        for w in LAYER_WEIGHTS:
-            yield hf_name(f"layers.{i}.{w.meta_key}"), meta.pop(w.meta_key)
+    heads = {"attention.wq.weight": config.n_heads, "attention.wk.weight": config.kv_heads}
+    for i, w in _layer_names(config):
+        value = slices.read(("layers", *w.path), i).reshape(meta_shape(w, config)[::-1]).T  # as layer_to_meta
+        if w.meta_key in heads:
+            value = permute_to_hf(value, heads[w.meta_key])
+        yield hf_name(f"layers.{i}.{w.meta_key}"), value
     yield HF_TOP_NAMES["norm.weight"], slices.read(("norm", "weight"), np.s_[:])
     if not config.tie_embeddings:
         for block in blocks:  # ours is [dim, vocab]: HF's rows are our columns
@@ -138,5 +151,10 @@ def export_hf(model_dir: str | Path, output_dir: str | Path, *, max_shard_bytes:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         generation = {"bos_token_id": tok.bos_id, "eos_token_id": stops, "pad_token_id": tok.pad_id}
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        write_sharded(tmp, specs, _blocks(config, slices), max_shard_bytes, on_tensor=tick)
+
+        def written(name: str) -> None:
+            _return_freed_memory()  # or glibc keeps each freed tensor's pages and RSS creeps up tensor by tensor
+            tick(name)
+
+        write_sharded(tmp, specs, _blocks(config, slices), max_shard_bytes, on_tensor=written)
     return output_dir
