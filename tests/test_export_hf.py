@@ -268,10 +268,15 @@ def test_not_a_model_folder(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
 
 
-def test_missing_tokenizer_and_bad_shard_size(tmp_path, capsys):
+def test_bad_tokenizer_and_bad_shard_size(tmp_path, capsys):
     model_folder(tmp_path / "model", CASES["gqa"][0], None)
     args = ["--to-hf", "--input", str(tmp_path / "model"), "--output", str(tmp_path / "hf")]
     _assert_one_line(*run_cli(capsys, *args), "tokenizer.model: missing")
+    (tmp_path / "model" / "tokenizer.model").write_text("not a tokenizer")
+    _assert_one_line(*run_cli(capsys, *args), "tokenizer.model: ", "expected")
+    (tmp_path / "model" / "tokenizer.model").write_text("".join(f"{base64.b64encode(i.to_bytes(2)).decode()} {i}\n"
+                                                                for i in range(600)))
+    _assert_one_line(*run_cli(capsys, *args), "tokenizer.model: 856 tokens, more than config.json's vocab_size 512")
     byte_ranks_file(tmp_path / "model" / "tokenizer.model")
     _assert_one_line(*run_cli(capsys, *args, "--max-shard-size", "lots"), "--max-shard-size 'lots'", "5GB")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

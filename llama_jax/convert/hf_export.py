@@ -28,6 +28,7 @@ from llama_jax.convert.progress import progress_bar
 from llama_jax.convert.safetensors_writer import TensorSpec, write_sharded
 from llama_jax.convert.staging import check_output, staging_dir
 from llama_jax.meta_weights import LAYER_WEIGHTS, LayerWeight, meta_shape
+from llama_jax.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
@@ -44,7 +45,11 @@ class OrbaxSlices:
     def __init__(self, params_dir: Path):
         from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
-        meta = json.loads((params_dir / "_METADATA").read_text())
+        try:
+            meta = json.loads((params_dir / "_METADATA").read_text())
+        except (OSError, ValueError) as e:
+            raise ConvertError(f"{params_dir / '_METADATA'}: unreadable ({one_line(e, 80)}); expected Orbax's "
+                               "checkpoint metadata") from None
         self._ts_utils, self._dir = ts_utils, str(params_dir.absolute())
         self._zarr3, self._ocdbt = bool(meta.get("use_zarr3")), bool(meta.get("use_ocdbt", True))
         self._context = ts_utils.get_ts_context(use_ocdbt=self._ocdbt)
@@ -128,6 +133,19 @@ def _blocks(config: LlamaConfig, slices: OrbaxSlices) -> Iterator[tuple[str, np.
             yield HF_TOP_NAMES["output.weight"], slices.read(("output",), np.s_[:, block]).T
 
 
+def _model_tokenizer(path: Path, config: LlamaConfig) -> Tokenizer:
+    if not path.is_file():
+        raise ConvertError(f"{path}: missing (needed for tokenizer.json and the bos / stop ids)")
+    try:
+        tok = load_tokenizer(path)
+    except TokenizerError as e:
+        raise ConvertError(one_line(e, 300)) from None
+    if tok.vocab_size > config.vocab_size:
+        raise ConvertError(f"{path}: {tok.vocab_size} tokens, more than config.json's vocab_size "
+                           f"{config.vocab_size}; expected the model's own tokenizer")
+    return tok
+
+
 def export_hf(model_dir: str | Path, output_dir: str | Path, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
               overwrite: bool = False, progress: bool = True) -> Path:
     """Model folder -> HF folder that `transformers.AutoModelForCausalLM/AutoTokenizer.from_pretrained` load."""
@@ -139,13 +157,11 @@ def export_hf(model_dir: str | Path, output_dir: str | Path, *, max_shard_bytes:
         ckpt.verify_params(params_dir, config)
     except (ckpt.CheckpointError, ConfigError) as e:
         raise ConvertError(one_line(e, 300)) from None
-    tokenizer_path = model_dir / ckpt.TOKENIZER_FILE
-    if not tokenizer_path.is_file():
-        raise ConvertError(f"{tokenizer_path}: missing (needed for tokenizer.json and the bos / stop ids)")
+    tok = _model_tokenizer(model_dir / ckpt.TOKENIZER_FILE, config)
     slices = OrbaxSlices(params_dir)
     specs = _specs(config, slices)
     with staging_dir(output_dir, overwrite) as tmp, progress_bar(progress, len(specs), "exporting") as tick:
-        tok = write_hf_tokenizer(tokenizer_path, tmp, config.max_seq_len)
+        write_hf_tokenizer(tok, tmp, config.max_seq_len)
         stops = sorted(tok.stop_ids)
         hf_config = hf_config_json(config, specs[0].dtype, tok.bos_id, stops)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")

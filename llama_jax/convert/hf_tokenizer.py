@@ -14,9 +14,8 @@ import json
 import shutil
 from pathlib import Path
 
-from llama_jax.convert.errors import ConvertError, one_line
-from llama_jax.tokenizer import (PAT_STR, SPECIAL_TOKENS, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer,
-                                 TokenizerError, load_tokenizer)
+from llama_jax.convert.errors import ConvertError
+from llama_jax.tokenizer import PAT_STR, SPECIAL_TOKENS, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
 
 # encode_llama3_dialog: bos, then per message a header, the stripped content and <|eot_id|>; an open assistant
 # header with add_generation_prompt.
@@ -94,20 +93,16 @@ def _sentencepiece_fast(tok: SentencePieceTokenizer):
     return fast
 
 
-def write_hf_tokenizer(tokenizer_path: Path, folder: Path, max_len: int) -> Tokenizer:
-    """Writes tokenizer.json, tokenizer_config.json and the tokenizer file itself (Llama 3: original/) into
-    `folder`; returns our tokenizer, whose bos and stop ids the configs need."""
-    try:
-        tok = load_tokenizer(tokenizer_path)
-    except TokenizerError as e:
-        raise ConvertError(one_line(e, 300)) from None
+def write_hf_tokenizer(tok: Tokenizer, folder: Path, max_len: int) -> None:
+    """Writes tokenizer.json, tokenizer_config.json and the tokenizer file itself (Llama 3's in original/) into
+    `folder`."""
     # The original file travels along, where Meta's HF repositories keep it, so the folder imports back as is.
     if isinstance(tok, TiktokenTokenizer):
         fast, template, copy = _tiktoken_fast(tok), LLAMA3_CHAT_TEMPLATE, folder / "original" / "tokenizer.model"
     else:
         fast, template, copy = _sentencepiece_fast(tok), LLAMA2_CHAT_TEMPLATE, folder / "tokenizer.model"
     copy.parent.mkdir(exist_ok=True)
-    shutil.copyfile(tokenizer_path, copy)
+    shutil.copyfile(tok.path, copy)
     fast.save(str(folder / "tokenizer.json"))
     piece = fast.id_to_token
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": piece(tok.bos_id),
@@ -117,4 +112,3 @@ def write_hf_tokenizer(tokenizer_path: Path, folder: Path, max_len: int) -> Toke
     if isinstance(tok, SentencePieceTokenizer):
         config["unk_token"] = piece(tok.sp.unk_id())
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    return tok
