@@ -274,8 +274,8 @@ def test_bad_tokenizer_and_bad_shard_size(tmp_path, capsys):
     _assert_one_line(*run_cli(capsys, *args), "tokenizer.model: missing")
     (tmp_path / "model" / "tokenizer.model").write_text("not a tokenizer")
     _assert_one_line(*run_cli(capsys, *args), "tokenizer.model: ", "expected")
-    (tmp_path / "model" / "tokenizer.model").write_text("".join(f"{base64.b64encode(i.to_bytes(2)).decode()} {i}\n"
-                                                                for i in range(600)))
+    ranks = [base64.b64encode(i.to_bytes(2, "big")).decode() for i in range(600)]  # 600 + 256 special tokens
+    (tmp_path / "model" / "tokenizer.model").write_text("".join(f"{r} {i}\n" for i, r in enumerate(ranks)))
     _assert_one_line(*run_cli(capsys, *args), "tokenizer.model: 856 tokens, more than config.json's vocab_size 512")
     byte_ranks_file(tmp_path / "model" / "tokenizer.model")
     _assert_one_line(*run_cli(capsys, *args, "--max-shard-size", "lots"), "--max-shard-size 'lots'", "5GB")
