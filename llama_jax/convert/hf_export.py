@@ -96,9 +96,9 @@ def hf_config_json(config: LlamaConfig, dtype: np.dtype, bos: int, stops: list[i
     }
 
 
-def _layer_names(config: LlamaConfig) -> Iterator[tuple[int, LayerWeight]]:
-    """A layer's tensors leaf by leaf (every layer's wq, then every layer's wk, ...): with Orbax chunks that span
-    all layers, any other order would need every leaf decoded at once."""
+def _layer_tensors(config: LlamaConfig) -> Iterator[tuple[int, LayerWeight]]:
+    """(layer, weight) leaf by leaf (every layer's wq, then every layer's wk, ...): with Orbax chunks that span all
+    layers, a layer-by-layer order would need every leaf decoded at once."""
     return ((i, w) for w in LAYER_WEIGHTS for i in range(config.n_layers))
 
 
@@ -108,7 +108,7 @@ def _specs(config: LlamaConfig, slices: OrbaxSlices) -> list[TensorSpec]:
     specs = [TensorSpec(HF_TOP_NAMES["tok_embeddings.weight"], vocab_rows, slices.dtype(("tok_embeddings",)))]
     dtypes = {w: slices.dtype(("layers", *w.path)) for w in LAYER_WEIGHTS}
     specs += [TensorSpec(hf_name(f"layers.{i}.{w.meta_key}"), meta_shape(w, config), dtypes[w])
-              for i, w in _layer_names(config)]
+              for i, w in _layer_tensors(config)]
     specs.append(TensorSpec(HF_TOP_NAMES["norm.weight"], (config.dim,), slices.dtype(("norm", "weight"))))
     if not config.tie_embeddings:
         specs.append(TensorSpec(HF_TOP_NAMES["output.weight"], vocab_rows, slices.dtype(("output",))))
@@ -122,7 +122,7 @@ def _blocks(config: LlamaConfig, slices: OrbaxSlices) -> Iterator[tuple[str, np.
     for block in blocks:  # TensorStore, unlike numpy, refuses a slice that runs past the end
         yield HF_TOP_NAMES["tok_embeddings.weight"], slices.read(("tok_embeddings",), block)
     heads = {"attention.wq.weight": config.n_heads, "attention.wk.weight": config.kv_heads}
-    for i, w in _layer_names(config):
+    for i, w in _layer_tensors(config):
         value = slices.read(("layers", *w.path), i).reshape(meta_shape(w, config)[::-1]).T  # as layer_to_meta
         if w.meta_key in heads:
             value = permute_to_hf(value, heads[w.meta_key])
