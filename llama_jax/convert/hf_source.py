@@ -17,6 +17,21 @@ HF_TOP_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weig
                 "output.weight": "lm_head.weight"}
 
 
+def hf_name(meta_name: str) -> str:
+    """Meta's tensor name -> Hugging Face's."""
+    if meta_name in HF_TOP_NAMES:
+        return HF_TOP_NAMES[meta_name]
+    _, i, key = meta_name.split(".", 2)
+    return f"model.layers.{i}.{HF_LAYER_NAMES[key]}"
+
+
+def permute_to_hf(w, n_heads: int):
+    """Meta's wq/wk rows (interleaved rotary pairs) -> HF's (each head's first halves, then its second halves)."""
+    out_features, in_features = w.shape
+    return (w.reshape(n_heads, out_features // n_heads // 2, 2, in_features).swapaxes(1, 2)
+            .reshape(out_features, in_features))
+
+
 def unpermute_from_hf(w, n_heads: int):
     """Undoes HF's conversion permutation of wq/wk (rotate-half order -> Meta's interleaved pairs)."""
     out_features, in_features = w.shape
@@ -109,7 +124,7 @@ class HFSource(Source):
         self.config = config_from_hf(config_path, dtype=dtype, source_dtype=source_dtype, max_seq_len=max_seq_len)
         self.vocab_shards = 1
         for meta_name, full in meta_shapes(self.config).items():
-            name = self._hf_name(meta_name)
+            name = hf_name(meta_name)
             if name not in shapes:
                 if meta_name == "output.weight":
                     raise ConvertError(f"{folder}: lm_head.weight missing but config.json has tie_word_embeddings="
@@ -127,15 +142,8 @@ class HFSource(Source):
             raise ConvertError(f"{path}: cannot read safetensors file (truncated or corrupt?): {one_line(e)}") \
                 from None
 
-    @staticmethod
-    def _hf_name(meta_name: str) -> str:
-        if meta_name in HF_TOP_NAMES:
-            return HF_TOP_NAMES[meta_name]
-        _, i, key = meta_name.split(".", 2)
-        return f"model.layers.{i}.{HF_LAYER_NAMES[key]}"
-
     def _get(self, meta_name: str, rows: slice | None = None):
-        name = self._hf_name(meta_name)
+        name = hf_name(meta_name)
         with self._open_file(self.files[name]) as st:
             return st.get_slice(name)[rows].clone() if rows is not None else st.get_tensor(name)
 
