@@ -34,7 +34,10 @@ class _Parser(argparse.ArgumentParser):
 def parse_args(argv=None) -> argparse.Namespace:
     p = _Parser(prog="generate.py", description="Batch / streaming / chat generation with a LLaMA model folder.")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="model folder (config.json, tokenizer.model, params/) or a training run folder")
+                   help="model folder (config.json, tokenizer.model, params/) or a training run folder (a LoRA run "
+                        "folder loads the base model it records, with its adapters)")
+    p.add_argument("--adapter", metavar="RUN_DIR",
+                   help="LoRA adapters from a training run folder, run beside the --checkpoint weights unmerged")
     p.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt; repeat for a batch")
     p.add_argument("--prompts-file", metavar="FILE", help="UTF-8 text file, one prompt per line (blank lines skipped)")
     p.add_argument("--chat", action="store_true",
@@ -103,6 +106,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # Imported after the cheap checks so that bad flags fail instantly.
+    from llama_jax.adapters import AdapterError
     from llama_jax.checkpoint import CheckpointError
     from llama_jax.config import ConfigError
     from llama_jax.generation import GenerationError
@@ -111,7 +115,8 @@ def main(argv=None) -> int:
 
     try:
         return run(args, prompts)
-    except (UsageError, CheckpointError, ConfigError, TokenizerError, GenerationError, ShardingError) as e:
+    except (UsageError, AdapterError, CheckpointError, ConfigError, TokenizerError, GenerationError,
+            ShardingError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -123,6 +128,7 @@ def run(args: argparse.Namespace, prompts: list[str]) -> int:
     import jax
 
     from llama_jax import sharding as sh
+    from llama_jax.adapters import AdapterInfo
     from llama_jax.chat import encode_chat
     from llama_jax.checkpoint import TOKENIZER_FILE, load_config
     from llama_jax.generation import Generator
@@ -136,10 +142,18 @@ def run(args: argparse.Namespace, prompts: list[str]) -> int:
         mesh = sh.make_mesh(sh.MeshShape(args.mesh_data, 1, args.mesh_tensor))
     if jax.process_index() != 0:  # every process runs the same generation; one prints it
         sys.stdout = open(os.devnull, "w")
-    model_dir = Path(args.checkpoint)
+    model_dir, adapter = Path(args.checkpoint), args.adapter
     if not model_dir.is_dir():
         raise UsageError(f"--checkpoint {model_dir}: folder not found (expected a model folder from "
                          "convert_weights.py or train.py)")
+    recorded = AdapterInfo.read(model_dir)
+    if recorded is not None:  # a LoRA run folder: its adapters on the base model it was trained on
+        if adapter is not None:
+            raise UsageError(f"--checkpoint {model_dir} is a LoRA run folder; give its base as --checkpoint")
+        model_dir, adapter = Path(recorded.base), model_dir
+        if not model_dir.is_dir():
+            raise UsageError(f"--checkpoint {adapter}: its base model {model_dir} is not there; pass "
+                             f"--checkpoint BASE --adapter {adapter}")
     config = load_config(model_dir)
     if args.dtype:
         config = config.replace(dtype=args.dtype, param_dtype=args.dtype)
@@ -157,7 +171,8 @@ def run(args: argparse.Namespace, prompts: list[str]) -> int:
     else:
         encoded = [tok.encode(p, bos=True, eos=False) for p in prompts]
 
-    gen = Generator.from_checkpoint(model_dir, config, mesh=mesh, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    gen = Generator.from_checkpoint(model_dir, config, adapter=adapter, mesh=mesh, stop_ids=tok.stop_ids,
+                                    pad_id=tok.pad_id)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     options = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, chunk_size=args.chunk_size)
     if encoded:

@@ -9,17 +9,24 @@ model multiplies as base + (alpha / rank)·a·b without forming the sum.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from llama_jax import checkpoint as ckpt
 from llama_jax.config import ConfigError, LlamaConfig
 from llama_jax.kernels import LoraWeight
 from llama_jax.meta_weights import LAYER_WEIGHTS
 from llama_jax.model import param_logical_axes
+
+# A run folder whose checkpoints hold adapters says which base model they adapt in this file.
+ADAPTER_FILE = "adapter.json"
 
 # The weight products LoRA can adapt, by our name, with their path inside a layer and input axes.
 TARGETS = {w.path[1]: w for w in LAYER_WEIGHTS if w.n_in}
@@ -106,3 +113,67 @@ def _shapes(config: LlamaConfig, lora: LoraConfig) -> dict[str, tuple[tuple[int,
         shape = tuple(getattr(config, name) for name in w.shape)
         out[target] = ((config.n_layers, *shape[:w.n_in], lora.rank), (config.n_layers, lora.rank, *shape[w.n_in:]))
     return out
+
+
+class AdapterError(ValueError):
+    """Adapters that cannot be used with the model at hand; the one-line message names the folders."""
+
+
+def base_identity(model_dir: str | Path) -> str:
+    """A fingerprint of a model folder: its config.json, and the names, sizes and (small) metadata files of its
+    stored parameters. A copy of the folder has the same fingerprint; another save, or another model, does not."""
+    params_dir = ckpt.resolve_params_dir(model_dir)
+    digest = hashlib.sha256((Path(model_dir) / ckpt.CONFIG_FILE).read_bytes())
+    for f in sorted(p for p in params_dir.rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        digest.update(f"{f.relative_to(params_dir)}:{size}".encode())
+        if size <= 1 << 16:
+            digest.update(f.read_bytes())
+    return digest.hexdigest()[:32]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterInfo:
+    """What adapter.json records: the base model folder, its fingerprint, and the LoRA settings."""
+
+    base: str
+    base_identity: str
+    lora: LoraConfig
+
+    def save(self, run_dir: str | Path) -> None:
+        data = {"base": self.base, "base_identity": self.base_identity,
+                "lora": {**dataclasses.asdict(self.lora), "targets": list(self.lora.targets)}}
+        path = Path(run_dir) / ADAPTER_FILE
+        tmp = path.with_name(f".{ADAPTER_FILE}.tmp")
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def read(cls, run_dir: str | Path) -> "AdapterInfo | None":
+        """The adapter run's record, or None for a folder that holds no adapters."""
+        path = Path(run_dir) / ADAPTER_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            lora = LoraConfig(**{**data["lora"], "targets": tuple(data["lora"]["targets"])})
+            return cls(str(data["base"]), str(data["base_identity"]), lora)
+        except (ValueError, KeyError, TypeError) as e:
+            raise AdapterError(f"{path}: not an adapter record ({e})") from None
+
+    def check_base(self, base_dir: str | Path, run_dir: str | Path) -> None:
+        """Raises AdapterError unless `base_dir` is the model the adapters were trained on."""
+        if not (Path(base_dir) / ckpt.CONFIG_FILE).is_file():
+            raise AdapterError(f"{run_dir}: its base model {base_dir} is not a model folder (config.json missing)")
+        found = base_identity(base_dir)
+        if found != self.base_identity:
+            raise AdapterError(f"{run_dir}: adapters were trained on {self.base} (fingerprint {self.base_identity});"
+                               f" {base_dir} is another model (fingerprint {found})")
+
+
+def load_adapters(run_dir: str | Path, config: LlamaConfig, lora: LoraConfig) -> dict[str, Any]:
+    """The latest step's adapters of a run folder."""
+    expected = jax.eval_shape(lambda: init_adapters(config, lora, jax.random.key(0)))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), expected)
+    return ckpt.restore_tree(ckpt.resolve_params_dir(run_dir), target)

@@ -70,8 +70,13 @@ def load_params(model_dir: str | Path, config: LlamaConfig, shardings: Any = Non
     if shardings is None:
         shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), expected)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), expected, shardings)
+    return restore_tree(params_dir, target)
+
+
+def restore_tree(params_dir: Path, target: Any) -> Any:
+    """An Orbax tree restored into `target`'s shapes, dtypes and shardings."""
     with _quiet_step_metadata():
-        return ocp.StandardCheckpointer().restore(params_dir, target)
+        return ocp.StandardCheckpointer().restore(Path(params_dir).absolute(), target)
 
 
 def load_param_leaves(model_dir: str | Path, config: LlamaConfig, shardings: Any) -> Iterator[tuple[tuple, Any]]:

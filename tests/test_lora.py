@@ -10,6 +10,7 @@ import torch
 from hf_reference import hf_model_from_meta, permute_for_hf, random_meta_state
 from llama_jax.adapters import TARGETS, LoraConfig, adapter_logical_axes, attach, init_adapters, merge
 from llama_jax.config import ConfigError, LlamaConfig
+from llama_jax.kernels import LoraWeight
 from llama_jax.meta_weights import params_from_meta
 from llama_jax.model import forward
 
@@ -104,3 +105,43 @@ def test_fresh_adapters_leave_the_model_unchanged_and_shard_like_their_weights()
 def test_bad_lora_settings_name_the_flag(kw, needle):
     with pytest.raises(ConfigError, match=needle):
         LoraConfig(**kw)
+
+
+def _adapter_run(tmp_path, params, adapters):
+    """A model folder and a run folder holding adapters for it, laid out as a LoRA training run writes them."""
+    import orbax.checkpoint as ocp
+
+    from llama_jax.adapters import AdapterInfo, base_identity
+    from llama_jax.checkpoint import save_model
+
+    base, run = tmp_path / "base", tmp_path / "run"
+    save_model(base, params, CONFIG, None)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save((run / "7" / "params").absolute(), adapters)
+    checkpointer.wait_until_finished()
+    AdapterInfo(str(base), base_identity(base), LORA).save(run)
+    return base, run
+
+
+def test_generation_with_unmerged_adapters_equals_the_merged_model(tmp_path):
+    from llama_jax.adapters import AdapterError
+    from llama_jax.checkpoint import save_model
+    from llama_jax.generation import Generator
+
+    _, params, adapters, _ = _setup(seed=5)
+    base, run = _adapter_run(tmp_path, params, adapters)
+    prompts = [[1, 5, 9, 77], [3, 4]]
+    with_adapter = Generator.from_checkpoint(base, adapter=run)
+    unmerged = [x for x in jax.tree.leaves(with_adapter.params, is_leaf=lambda x: isinstance(x, LoraWeight))
+                if isinstance(x, LoraWeight)]
+    assert len(unmerged) == len(LORA.targets) * CONFIG.n_layers
+    merged = Generator(merge(params, adapters, LORA), CONFIG)
+    plain = Generator(params, CONFIG)
+    tokens = with_adapter.generate(prompts, max_new_tokens=8).tokens
+    assert tokens == merged.generate(prompts, max_new_tokens=8).tokens
+    assert tokens != plain.generate(prompts, max_new_tokens=8).tokens
+    # Adapters against another base (same shapes, another save) are refused, naming both.
+    other = tmp_path / "other"
+    save_model(other, params, CONFIG, None)
+    with pytest.raises(AdapterError, match=r"adapters were trained on .*base .*other is another model"):
+        Generator.from_checkpoint(other, adapter=run)

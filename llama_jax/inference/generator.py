@@ -89,14 +89,30 @@ class Generator:
         self.params = decoding_params(params, self.layout)
 
     @classmethod
-    def from_checkpoint(cls, model_dir, config: LlamaConfig | None = None, **options: Any) -> "Generator":
+    def from_checkpoint(cls, model_dir, config: LlamaConfig | None = None, *, adapter=None,
+                        **options: Any) -> "Generator":
         """A Generator over a model or run folder, whose parameters are read straight into their decoding layout
-        and shards one leaf at a time: no host or device holds a second copy of the weights."""
+        and shards one leaf at a time: no host or device holds a second copy of the weights.
+
+        adapter: a LoRA training run folder trained on `model_dir`; its adapters run beside the base weights,
+        unmerged (one device; on a mesh, merge them first with convert_weights.py --adapter).
+        """
+        from llama_jax.adapters import AdapterInfo, load_adapters
         from llama_jax.checkpoint import load_config
 
         self = cls.__new__(cls)
         self._configure(config or load_config(model_dir), **options)
-        self.params = load_decoding_params(model_dir, self.layout)
+        adapters = info = None
+        if adapter is not None:
+            info = AdapterInfo.read(adapter)
+            if info is None:
+                raise GenerationError(f"{adapter}: not a LoRA run folder (no adapter.json)")
+            if self.mesh is not None:
+                raise GenerationError("unmerged adapters run on one device; on a mesh, merge them first "
+                                      "(convert_weights.py --input BASE --adapter RUN_DIR --output DIR)")
+            info.check_base(model_dir, adapter)
+            adapters = load_adapters(adapter, self.layout.stored, info.lora)
+        self.params = load_decoding_params(model_dir, self.layout, adapters, info and info.lora)
         return self
 
     def _configure(self, config: LlamaConfig, *, mesh=None, stop_ids: Sequence[int] = (), pad_id: int = 0,

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from llama_jax import checkpoint as ckpt
 from llama_jax import sharding as sh
 from llama_jax.config import LlamaConfig
-from llama_jax.kernels import PackedWeight, packed_matmul
+from llama_jax.kernels import LoraWeight, PackedWeight, packed_matmul
 from llama_jax.meta_weights import HEAD_N_IN, LAYER_WEIGHTS
 from llama_jax.model import param_logical_axes
 
@@ -70,7 +70,7 @@ def decoding_config(config: LlamaConfig, mesh: Mesh | None, scan_layers: bool) -
                           n_kv_heads=None if kv == config.n_heads else kv)
 
 
-@partial(jax.jit, static_argnums=(1, 2))
+@partial(jax.jit, static_argnames=("n_in", "n_lead"))
 def _pack(w, n_in: int, n_lead: int) -> PackedWeight:
     return PackedWeight(packed_matmul.pack(w, n_in, n_lead), n_in=n_in)
 
@@ -93,15 +93,23 @@ class Layout:
         return sh.param_shardings(self.stored, self.mesh)
 
     def leaf(self, path: tuple, value) -> Any:
-        """The decoding form of one stored leaf: an array, a PackedWeight, or a tuple of per-layer ones."""
+        """The decoding form of one stored leaf (an array, or a LoraWeight over one): an array, a PackedWeight, a
+        LoraWeight, or a tuple of per-layer ones. A LoraWeight's base is laid out like any weight; its adapters
+        follow it (b's KV heads repeated with the base's), and stay unmerged."""
         in_layers = path[0] == "layers"
         key = path[1:] if in_layers else path
         if key in _KV_WEIGHTS and self.config.kv_heads != self.stored.kv_heads:
-            value = jnp.repeat(value, self.config.kv_heads // self.stored.kv_heads, axis=-2)
+            repeat = partial(jnp.repeat, repeats=self.config.kv_heads // self.stored.kv_heads, axis=-2)
+            value = (dataclasses.replace(value, base=repeat(value.base), b=repeat(value.b))
+                     if isinstance(value, LoraWeight) else repeat(value))
         if self.mesh is not None:
+            if isinstance(value, LoraWeight):
+                raise ValueError("unmerged adapters run on one device; on a mesh, merge them first "
+                                 "(convert_weights.py --adapter)")
             value = jax.device_put(value, self._sharding(path, value.shape))
         if self.packed and (key in _N_IN or (key == ("output",) and value.shape[-1] % packed_matmul.STRIP == 0)):
-            value = _pack(value, _N_IN.get(key, HEAD_N_IN), int(in_layers))
+            pack = partial(_pack, n_in=_N_IN.get(key, HEAD_N_IN), n_lead=int(in_layers))
+            value = dataclasses.replace(value, base=pack(value.base)) if isinstance(value, LoraWeight) else pack(value)
         if not in_layers or self.config.scan_layers:
             return value
         return tuple(jax.tree.map(lambda a, i=i: a[i], value) for i in range(self.config.n_layers))
@@ -124,18 +132,22 @@ class Layout:
 
 def decoding_params(params: Mapping[str, Any], layout: Layout) -> dict[str, Any]:
     """Parameters in memory (layers stacked, as checkpoints store them) in their decoding layout."""
-    flat = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    flat = {tuple(k.key for k in path): leaf
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=_is_lora)}
     if not all(path[0] != "layers" or len(path) == 3 for path in flat) or not any(p[0] == "layers" for p in flat):
         raise ValueError("decoding_params takes stacked layers (params['layers']), as init_params and checkpoints "
                          "lay them out")
     return layout.assemble({path: layout.leaf(path, leaf) for path, leaf in flat.items()})
 
 
-def load_decoding_params(model_dir: str | Path, layout: Layout) -> dict[str, Any]:
-    """A checkpoint's parameters read straight into their decoding layout, one leaf at a time."""
+def load_decoding_params(model_dir: str | Path, layout: Layout, adapters: Mapping[str, Any] | None = None,
+                         lora=None) -> dict[str, Any]:
+    """A checkpoint's parameters read straight into their decoding layout, one leaf at a time; `adapters` (and
+    their LoraConfig) are attached to the weights they adapt as they are read."""
     leaves = {}
     for path, value in ckpt.load_param_leaves(model_dir, layout.stored, layout.stored_shardings()):
-        leaves[path] = layout.leaf(path, value)
+        ab = _find(adapters, path)
+        leaves[path] = layout.leaf(path, value if ab is None else LoraWeight(value, ab["a"], ab["b"], lora.scale))
         if leaves[path] is not value:
             value.delete()  # the stored form is no longer needed: at most one leaf is ever held twice
     return layout.assemble(leaves)
@@ -154,6 +166,19 @@ def _get(tree, path):
     for k in path:
         tree = tree[k]
     return tree
+
+
+def _find(tree, path):
+    """The subtree at `path`, or None where there is none."""
+    for k in path:
+        if not isinstance(tree, Mapping) or k not in tree:
+            return None
+        tree = tree[k]
+    return tree
+
+
+def _is_lora(x) -> bool:
+    return isinstance(x, LoraWeight)
 
 
 def _put(tree: dict, path: tuple, value) -> None:
