@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shards", type=int, default=1, metavar="N", help="with --to-meta: model-parallel shards")
     p.add_argument("--embedding-split", default="auto", choices=["auto", "vocab", "dim"],
                    help="with --to-meta: shard tok_embeddings on vocab (Llama 3) or dim (Llama 2); auto: by rope_theta")
+    p.add_argument("--adapter", metavar="RUN_DIR",
+                   help="merge a LoRA run's adapters into the model folder --input: writes a model folder, or with "
+                        "--to-hf a Hugging Face folder")
     p.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="with --to-hf: largest safetensors file, e.g. 5GB, 500MB (default 5GB)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -56,16 +59,23 @@ def main(argv=None) -> int:
     # Imported after parsing so that --help is instant.
     from llama_jax.checkpoint import CheckpointError
     from llama_jax.config import ConfigError
-    from llama_jax.convert import ConvertError, convert, describe, export_hf, export_meta, parse_size
+    from llama_jax.convert import ConvertError, convert, describe, export_hf, export_meta, merge_adapter, parse_size
 
     try:
-        if args.to_meta:
+        if args.adapter and args.to_meta:
+            raise ConvertError("--adapter with --to-meta: merge first (--adapter without --to-meta), then export")
+        if args.adapter and not args.to_hf:
+            out = merge_adapter(args.input, args.adapter, args.output, overwrite=args.overwrite,
+                                progress=not args.quiet)
+            print(f"wrote {out} ({args.input} with the adapters of {args.adapter} merged)")
+        elif args.to_meta:
             out = export_meta(args.input, args.output, shards=args.shards, embedding_split=args.embedding_split,
                               overwrite=args.overwrite, progress=not args.quiet)
             print(f"wrote {out} (Meta layout, {args.shards} shard(s))")
         elif args.to_hf:
-            out = export_hf(args.input, args.output, max_shard_bytes=parse_size(args.max_shard_size),
-                            overwrite=args.overwrite, progress=not args.quiet)
+            out = export_hf(args.input, args.output, adapter=args.adapter,
+                            max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite,
+                            progress=not args.quiet)
             print(f"wrote {out} (Hugging Face LlamaForCausalLM, safetensors)")
         else:
             result = convert(args.input, args.output, dtype=args.dtype, family=args.family,

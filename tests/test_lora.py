@@ -1,6 +1,10 @@
 """LoRA adapters against Hugging Face transformers + peft on the same base weights and the same non-zero A and B:
 the loss and every adapter gradient; and a merged model against base + adapter."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +17,7 @@ from llama_jax.config import ConfigError, LlamaConfig
 from llama_jax.kernels import LoraWeight
 from llama_jax.meta_weights import params_from_meta
 from llama_jax.model import forward
+from subprocess_env import ROOT
 
 CONFIG = LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=32, max_seq_len=64)
 LORA = LoraConfig(rank=4, alpha=12.0)  # scale 3: a wrong scale is visible
@@ -145,3 +150,60 @@ def test_generation_with_unmerged_adapters_equals_the_merged_model(tmp_path):
     save_model(other, params, CONFIG, None)
     with pytest.raises(AdapterError, match=r"adapters were trained on .*base .*other is another model"):
         Generator.from_checkpoint(other, adapter=run)
+
+
+def run_convert(*flags):
+    return subprocess.run([sys.executable, str(ROOT / "convert_weights.py"), "--quiet", *flags], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+
+
+def test_convert_merges_adapters_into_a_model_folder(tmp_path):
+    from llama_jax.checkpoint import load_model, save_model
+
+    _, params, adapters, tokens = _setup(seed=6)
+    base, run = _adapter_run(tmp_path, params, adapters)
+    reference = np.asarray(forward(attach(params, adapters, LORA), jnp.asarray(tokens), config=CONFIG)[0])
+
+    proc = run_convert("--input", str(base), "--adapter", str(run), "--output", str(tmp_path / "merged"))
+    assert proc.returncode == 0, proc.stderr
+    merged, config, _ = load_model(tmp_path / "merged")
+    logits = np.asarray(forward(merged, jnp.asarray(tokens), config=config)[0])
+    assert np.abs(logits - reference).max() <= 1e-4 * np.abs(reference).max()
+    # Another base is refused with one line, and nothing is written.
+    save_model(tmp_path / "other", params, CONFIG, None)
+    proc = run_convert("--input", str(tmp_path / "other"), "--adapter", str(run), "--output", str(tmp_path / "bad"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "another model" in proc.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+LLAMA2_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "llama2" / "tokenizer.model"
+
+
+@pytest.mark.skipif(not LLAMA2_TOKENIZER.is_file(), reason=f"real Llama 2 tokenizer not found at {LLAMA2_TOKENIZER}")
+def test_hf_export_with_adapters_gives_the_adapted_logits(tmp_path):
+    import orbax.checkpoint as ocp
+    import transformers
+
+    from llama_jax.adapters import AdapterInfo, base_identity
+    from llama_jax.checkpoint import save_model
+
+    config = CONFIG.replace(vocab_size=32000)  # the tokenizer's vocabulary, which the export checks
+    state = random_meta_state(config, 7)
+    params = jax.tree.map(jnp.asarray, params_from_meta({k: v.numpy() for k, v in state.items()}, config))
+    adapters = jax.tree.map(lambda x: 0.2 * jax.random.normal(jax.random.key(8), x.shape),
+                            init_adapters(config, LORA, jax.random.key(7)))
+    save_model(tmp_path / "base", params, config, LLAMA2_TOKENIZER)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save((tmp_path / "run" / "1" / "params").absolute(), adapters)
+    checkpointer.wait_until_finished()
+    AdapterInfo(str(tmp_path / "base"), base_identity(tmp_path / "base"), LORA).save(tmp_path / "run")
+
+    proc = run_convert("--input", str(tmp_path / "base"), "--adapter", str(tmp_path / "run"), "--to-hf",
+                       "--output", str(tmp_path / "hf"))
+    assert proc.returncode == 0, proc.stderr
+    tokens = np.random.default_rng(0).integers(0, config.vocab_size, (2, 12))
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        hf = model(input_ids=torch.as_tensor(tokens)).logits.numpy()
+    ours = np.asarray(forward(attach(params, adapters, LORA), jnp.asarray(tokens), config=config)[0])
+    assert np.abs(hf - ours).max() <= 1e-4 * np.abs(ours).max()

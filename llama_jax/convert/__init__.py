@@ -10,6 +10,7 @@ Import is streamed, so peak host memory is about one layer, not the model:
     hf_export                 a model folder to a Hugging Face folder: sharded safetensors written a layer at a
                               time (safetensors_writer), config.json, and the tokenizer with its chat template
                               (hf_tokenizer)
+    merge                     a base model folder plus a LoRA run's adapters, merged one stored tensor at a time
     meta_format, tensors, checklist, errors, progress: the pieces they share
 """
 
@@ -20,10 +21,11 @@ from llama_jax.convert.hf_export import export_hf
 from llama_jax.convert.hf_source import HFSource, permute_to_hf, unpermute_from_hf
 from llama_jax.convert.importer import ConvertResult, convert, describe
 from llama_jax.convert.lazy_writer import LazyArray, save_lazy_tree
+from llama_jax.convert.merge import merge_adapter
 from llama_jax.convert.meta_source import MetaSource, find_shards, load_shard
 from llama_jax.convert.safetensors_writer import parse_size
 from llama_jax.convert.tensors import to_numpy
 
 __all__ = ["ConvertError", "ConvertResult", "LazyArray", "MetaSource", "HFSource", "convert", "export_hf",
            "export_meta", "verify_checklist", "find_shards", "load_shard", "save_lazy_tree", "unpermute_from_hf",
-           "permute_to_hf", "describe", "to_numpy", "parse_size"]
+           "permute_to_hf", "describe", "to_numpy", "parse_size", "merge_adapter"]

@@ -115,15 +115,19 @@ def _specs(config: LlamaConfig, slices: OrbaxSlices) -> list[TensorSpec]:
     return specs
 
 
-def _blocks(config: LlamaConfig, slices: OrbaxSlices) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, block of rows) in `_specs` order; one tensor (or block of embedding rows) at a time."""
+def _blocks(config: LlamaConfig, slices: OrbaxSlices, adapted=None) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, block of rows) in `_specs` order; one tensor (or block of embedding rows) at a time; `adapted`
+    (convert.merge.Adapted) adds LoRA adapters to the weights they adapt."""
     rows = config.hidden_dim  # embedding and head go in blocks the size of one feed-forward weight
     blocks = [np.s_[start:min(start + rows, config.vocab_size)] for start in range(0, config.vocab_size, rows)]
     for block in blocks:  # TensorStore, unlike numpy, refuses a slice that runs past the end
         yield HF_TOP_NAMES["tok_embeddings.weight"], slices.read(("tok_embeddings",), block)
     heads = {"attention.wq.weight": config.n_heads, "attention.wk.weight": config.kv_heads}
     for i, w in _layer_tensors(config):
-        value = slices.read(("layers", *w.path), i).reshape(meta_shape(w, config)[::-1]).T  # as layer_to_meta
+        value = slices.read(("layers", *w.path), i)
+        if adapted is not None:
+            value = adapted.apply(w.path, i, value)
+        value = value.reshape(meta_shape(w, config)[::-1]).T  # as layer_to_meta
         if w.meta_key in heads:
             value = permute_to_hf(value, heads[w.meta_key])
         yield hf_name(f"layers.{i}.{w.meta_key}"), value
@@ -146,11 +150,14 @@ def _model_tokenizer(path: Path, config: LlamaConfig) -> Tokenizer:
     return tok
 
 
-def export_hf(model_dir: str | Path, output_dir: str | Path, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-              overwrite: bool = False, progress: bool = True) -> Path:
-    """Model folder -> HF folder that `transformers.AutoModelForCausalLM/AutoTokenizer.from_pretrained` load."""
+def export_hf(model_dir: str | Path, output_dir: str | Path, *, adapter: str | Path | None = None,
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False, progress: bool = True) -> Path:
+    """Model folder -> HF folder that `transformers.AutoModelForCausalLM/AutoTokenizer.from_pretrained` load;
+    with `adapter` (a LoRA run folder trained on it), the adapters merged in."""
+    from llama_jax.convert.merge import Adapted
+
     model_dir, output_dir = Path(model_dir), Path(output_dir)
-    check_output(output_dir, overwrite, [model_dir])
+    check_output(output_dir, overwrite, [model_dir, *([Path(adapter)] if adapter else [])])
     try:
         config = ckpt.load_config(model_dir)
         params_dir = ckpt.resolve_params_dir(model_dir)
@@ -158,6 +165,7 @@ def export_hf(model_dir: str | Path, output_dir: str | Path, *, max_shard_bytes:
     except (ckpt.CheckpointError, ConfigError) as e:
         raise ConvertError(one_line(e, 300)) from None
     tok = _model_tokenizer(model_dir / ckpt.TOKENIZER_FILE, config)
+    adapted = Adapted(model_dir, Path(adapter), config) if adapter else None
     slices = OrbaxSlices(params_dir)
     specs = _specs(config, slices)
     with staging_dir(output_dir, overwrite) as tmp, progress_bar(progress, len(specs), "exporting") as tick:
@@ -172,5 +180,5 @@ def export_hf(model_dir: str | Path, output_dir: str | Path, *, max_shard_bytes:
             _return_freed_memory()  # or glibc keeps each freed tensor's pages and RSS creeps up tensor by tensor
             tick(name)
 
-        write_sharded(tmp, specs, _blocks(config, slices), max_shard_bytes, on_tensor=written)
+        write_sharded(tmp, specs, _blocks(config, slices, adapted), max_shard_bytes, on_tensor=written)
     return output_dir
