@@ -72,11 +72,17 @@ class Generator:
     packed_weights: multiply by weights packed for the CPU decoding kernel (kernels/packed_matmul). None
     (default) packs them where that applies: a CPU, an fp32 model, the kernel built; True insists
     (GenerationError where it cannot); False keeps XLA's dot. Packing copies the weights once, here.
+    prefill_chunk: prompts go through the model this many tokens at a time, so that prefill's memory does not
+    grow with the square of the prompt; longer prompts are bucketed to a multiple of it.
+    kv_dtype: the KV cache's dtype, e.g. "bfloat16" (default: the compute dtype).
     """
 
     def __init__(self, params: Any, config: LlamaConfig, *, stop_ids: Sequence[int] = (), pad_id: int = 0,
                  scan_layers: bool = False, min_prompt_bucket: int = 16,
-                 compiler_options: dict[str, Any] | None = None, packed_weights: bool | None = None):
+                 compiler_options: dict[str, Any] | None = None, packed_weights: bool | None = None,
+                 prefill_chunk: int = 512, kv_dtype: str | None = None):
+        if prefill_chunk < 1:
+            raise GenerationError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         if is_packed(params):
             raise GenerationError("the parameters are already packed: pass the unpacked ones (the Generator packs "
                                   "them itself)")
@@ -94,6 +100,8 @@ class Generator:
         self._stop_array = jnp.asarray(stop_ids + [-1] * (MAX_STOP_IDS - len(stop_ids)), jnp.int32)
         self.pad_id = int(pad_id)
         self.min_prompt_bucket = min_prompt_bucket
+        self.prefill_chunk = prefill_chunk
+        self.kv_dtype = jnp.dtype(kv_dtype or self.config.compute_dtype).name
         # (function, input shapes, sampler switches) -> executable.
         self.executables: dict[tuple, Any] = {}
         self.compile_seconds = 0.0  # total spent compiling, for reporting it apart from generation time
@@ -120,9 +128,12 @@ class Generator:
         # Meta's rule: generation stops at max_seq_len for the longest prompt.
         return min(max_new_tokens, limit - max(len(p) for p in prompts))
 
-    def _left_pad(self, prompts: Sequence[Sequence[int]]):
+    def _left_pad(self, prompts: Sequence[Sequence[int]], max_new: int):
         batch = next_power_of_two(len(prompts))
-        length = next_power_of_two(max(len(p) for p in prompts), self.min_prompt_bucket)
+        longest, chunk = max(len(p) for p in prompts), self.prefill_chunk
+        length = -(-longest // chunk) * chunk if longest > chunk else next_power_of_two(longest, self.min_prompt_bucket)
+        # Padding slots are cache slots too: the prompt and the new tokens must fit in max_seq_len.
+        length = min(length, self.config.max_seq_len - max_new)
         tokens = np.full((batch, length), self.pad_id, np.int32)
         positions = np.full((batch, length), -1, np.int32)
         for i, p in enumerate(prompts):
@@ -138,14 +149,35 @@ class Generator:
 
     def _start(self, prompts, max_new_tokens, sampling: SamplingParams, seed: int):
         max_new = self.check(prompts, max_new_tokens)
-        tokens, positions, active = self._left_pad(prompts)
+        tokens, positions, active = self._left_pad(prompts, max_new)
         new_bucket = next_power_of_two(max_new, 8)
+        cache_len = min(tokens.shape[1] + new_bucket, self.config.max_seq_len)
+        key = ("prefill", tokens.shape, new_bucket, sampling.switches)
+        if key not in self.executables:
+            self._check_memory(tokens.shape[0], cache_len)
         inputs = self._inputs(sampling)
         args = (self.params, tokens, positions, active, jax.random.key(seed), inputs)
-        static = dict(config=self.config, ops=self.ops, switches=sampling.switches,
-                      cache_len=tokens.shape[1] + new_bucket, new_bucket=new_bucket)
-        run = self._compiled(("prefill", tokens.shape, new_bucket, sampling.switches), engine.prefill, args, static)
+        static = dict(config=self.config, ops=self.ops, switches=sampling.switches, cache_len=cache_len,
+                      new_bucket=new_bucket, chunk=self.prefill_chunk, kv_dtype=self.kv_dtype)
+        run = self._compiled(key, engine.prefill, args, static)
         return run(*args), max_new, inputs
+
+    def _check_memory(self, batch: int, cache_len: int) -> None:
+        """A KV cache the device cannot hold next to the weights is a GenerationError before anything compiles
+        (where JAX reports the device's memory; a CPU's it does not)."""
+        stats = jax.devices()[0].memory_stats()
+        if not stats or "bytes_limit" not in stats:
+            return
+        cfg = self.config
+        cache = 2 * cfg.n_layers * batch * cfg.kv_heads * cache_len * cfg.head_dim * jnp.dtype(self.kv_dtype).itemsize
+        weights = sum(leaf.nbytes for leaf in jax.tree.leaves(self.params))
+        limit, in_use = stats["bytes_limit"], stats.get("bytes_in_use", weights)
+        if cache > limit - in_use:
+            mib = 2 ** 20
+            raise GenerationError(f"the KV cache of {batch} x {cache_len} slots ({self.kv_dtype}) needs "
+                                  f"{cache / mib:,.0f} MiB; the device has {(limit - in_use) / mib:,.0f} MiB free of "
+                                  f"{limit / mib:,.0f} MiB (weights {weights / mib:,.0f} MiB): shorten the prompts, "
+                                  "the batch or max_new_tokens, or use a smaller kv_dtype")
 
     def _decode(self, state: DecodeState, until: int, inputs: SamplingInputs, sampling: SamplingParams):
         args = (self.params, state, jnp.int32(until), inputs)
