@@ -173,3 +173,17 @@ def test_prefill_temporary_memory_stays_flat_as_the_prompt_grows(scan_layers):
     assert large <= 1.05 * small, (small, large)
     # One piece, for comparison: the activations of the whole prompt at once.
     assert temp_bytes(2048, 2048) > 2 * large
+
+
+def test_cli_checks_prefill_chunk():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("generate_cli", Path(__file__).resolve().parents[1] / "generate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    args = cli.parse_args(["--checkpoint", "x", "--prompt", "y", "--prefill-chunk", "0"])
+    with pytest.raises(cli.UsageError, match="--prefill-chunk must be >= 1"):
+        cli.check_args(args)
+    args = cli.parse_args(["--checkpoint", "x", "--prompt", "y", "--kv-dtype", "bfloat16"])
+    assert args.kv_dtype == "bfloat16" and args.prefill_chunk == 512
