@@ -9,7 +9,9 @@ length, and at 128k ≤ 1.05 × the 8k value.
 Table 2 times prefill (compiled first, best of --rounds) of a small random model (dim 256, 2 layers, 8 heads)
 on this machine's CPU: chunked (--prefill-chunk tokens at a time), the prompt in one piece (blockwise attention
 still bounds its scores), and the prompt in one piece through the einsum reference attention (the whole
-[heads, prompt, prompt] score matrix) where that fits in --einsum-max tokens.
+[heads, prompt, prompt] score matrix) where that fits in --einsum-max tokens. Table 3 times one decode step's
+attention over a long cache, the CPU decode windows against the blockwise loop, which is how
+CPU_WINDOWS_MAX_KEYS was chosen.
 
     python benchmarks/long_context.py                      # both tables (several minutes on a CPU)
     python benchmarks/long_context.py --skip-memory --lengths 1024 4096
@@ -112,6 +114,15 @@ def memory_table(lengths: list[int], chunk: int) -> list[float]:
     print(f"targets: working <= 4 GiB at every length: {'met' if max(working) <= 4 else 'MISSED'} "
           f"(max {max(working):.3f}); {lengths[-1]} <= 1.05 x {lengths[0]}: "
           f"{'met' if flat <= 1.05 else 'MISSED'} ({flat:.3f}x)")
+    # For comparison: the whole prompt in one piece through the einsum path (2 layers, to keep the compile short).
+    shallow = config.replace(n_layers=2)
+    params = jax.eval_shape(functools.partial(init_params, shallow), jax.random.key(0))
+    einsum = dataclasses.replace(ops, attention_block=1 << 30)
+    for prompt in lengths[:2]:
+        m = engine.prefill.lower(params, *_prefill_args(shallow, 1, prompt, abstract=True),
+                                 **_static(shallow, einsum, prompt, prompt)).compile().memory_analysis()
+        print(f"one piece through the einsum path, 2 layers, {prompt} tokens: temporaries "
+              f"{m.temp_size_in_bytes / GIB:.1f} GiB")
     return working
 
 
@@ -148,6 +159,34 @@ def time_table(lengths: list[int], chunk: int, einsum_max: int, rounds: int) -> 
         print(f"{prompt:>8} " + " ".join("           —" if np.isnan(t) else f"{t:>12.2f}" for t in row))
 
 
+def decode_table(lengths: list[int], rounds: int) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    from llama_jax.kernels import attention as attn
+
+    heads, dim, block = SMALL["n_heads"], SMALL["dim"] // SMALL["n_heads"], 512
+    print(f"\nOne decode step's attention on this CPU, {heads} heads of {dim}, batch 1: the decode windows against "
+          f"the blockwise loop ({block}-slot blocks), by cache length and how full it is")
+    print(f"{'cache':>8} {'full':>6} {'windows':>10} {'blockwise':>10}   (ms)")
+    windows = jax.jit(lambda q, k, v, qp, kp, n: attn.cpu_decode_windows(q, k, v, attn.position_mask(qp, kp), n))
+    blockwise = jax.jit(lambda q, k, v, qp, kp, n: attn.blockwise_attention(q, k, v, qp, kp, n, True, block))
+    for length in lengths:
+        for full in (0.25, 0.9):
+            filled = int(length * full)
+            q, k = jnp.ones((1, 1, heads, dim)), jnp.ones((1, heads, length, dim))
+            kp = jnp.where(jnp.arange(length) < filled, jnp.arange(length), -1)[None]
+            args = (q, k, k, jnp.full((1, 1), filled - 1, jnp.int32), kp, jnp.int32(filled))
+            row = []
+            for fn in (windows, blockwise):
+                jax.block_until_ready(fn(*args))
+                t0 = time.perf_counter()
+                for _ in range(20 * rounds):
+                    jax.block_until_ready(fn(*args))
+                row.append((time.perf_counter() - t0) / (20 * rounds) * 1e3)
+            print(f"{length:>8} {full:>6.0%} {row[0]:>10.3f} {row[1]:>10.3f}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
@@ -157,6 +196,7 @@ def main(argv=None) -> int:
         memory_table(args.memory_lengths, args.prefill_chunk)
     if not args.skip_time:
         time_table(args.lengths, args.prefill_chunk, args.einsum_max, args.rounds)
+        decode_table([1024, 2048, 4096, 16384, 65536], args.rounds)
     return 0
 
 

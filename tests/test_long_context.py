@@ -152,7 +152,8 @@ def test_a_cache_the_device_cannot_hold_is_one_generation_error(monkeypatch):
             return {"bytes_limit": 2 ** 20, "bytes_in_use": 2 ** 20 - 2 ** 16}
 
     monkeypatch.setattr(jax, "devices", lambda *a: [Device()])
-    with pytest.raises(GenerationError, match=r"KV cache of 1 x 256 slots \(float32\) needs 0 MiB; the device has 0 MiB free of 1 MiB"):
+    with pytest.raises(GenerationError, match=r"KV cache of 1 x 256 slots \(float32\) needs 0 MiB; the device "
+                                              r"has 0 MiB free of 1 MiB"):
         gen.generate([[1] * 200], max_new_tokens=50)  # 128 KiB of cache, 64 KiB free
 
 

@@ -7,8 +7,9 @@ and streams or returns the tokens.
     out.tokens[i]        # row i's new ids, without the stop id
     for chunk in gen.stream(prompts_ids, chunk_size=16): ...   # the same loop, returning every 16 tokens
 
-Shapes are bucketed (batch and prompt length to powers of two, the number of new tokens too), so a second call
-with other prompts of similar size reuses the compiled functions.
+Shapes are bucketed (batch and prompt length to powers of two, prompts beyond one prefill chunk to a multiple of
+it, the number of new tokens to a power of two), so a second call with other prompts of similar size reuses the
+compiled functions.
 """
 
 from __future__ import annotations
@@ -131,7 +132,10 @@ class Generator:
     def _left_pad(self, prompts: Sequence[Sequence[int]], max_new: int):
         batch = next_power_of_two(len(prompts))
         longest, chunk = max(len(p) for p in prompts), self.prefill_chunk
-        length = -(-longest // chunk) * chunk if longest > chunk else next_power_of_two(longest, self.min_prompt_bucket)
+        if longest > chunk:
+            length = -(-longest // chunk) * chunk
+        else:
+            length = next_power_of_two(longest, self.min_prompt_bucket)
         # Padding slots are cache slots too: the prompt and the new tokens must fit in max_seq_len.
         length = min(length, self.config.max_seq_len - max_new)
         tokens = np.full((batch, length), self.pad_id, np.int32)
