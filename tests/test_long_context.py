@@ -64,6 +64,18 @@ def test_blockwise_attention_equals_einsum_reference(heads_first, heads, kv_head
     np.testing.assert_allclose(np.asarray(out)[seen], np.asarray(reference)[seen], atol=2e-6)
 
 
+def test_blockwise_attention_in_bf16_stays_near_the_einsum_reference():
+    rng = np.random.default_rng(7)
+    q = jnp.asarray(rng.standard_normal((2, 12, 4, 16)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.standard_normal((2, 2, 40, 16)), jnp.bfloat16) for _ in range(2))
+    positions = jnp.broadcast_to(jnp.arange(40, dtype=jnp.int32), (2, 40))
+    mask = attn.position_mask(positions[:, 28:], positions)
+    reference = attn.einsum_attention(q, k, v, mask, heads_first=True).astype(jnp.float32)
+    out = attn.blockwise_attention(q, k, v, positions[:, 28:], positions, None, True, BLOCK)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), np.asarray(reference), atol=2e-2)
+
+
 def test_ops_route_long_attention_blockwise():
     ops = select_ops(CONFIG)
 
@@ -141,6 +153,16 @@ def test_generator_tokens_do_not_depend_on_the_chunk_or_kv_dtype_default():
     assert {key[1][1] for key in chunked.executables if key[0] == "prefill"} == {48}
     bf16 = Generator(params, CONFIG, prefill_chunk=16, kv_dtype="bfloat16").generate(prompts, max_new_tokens=6)
     assert [len(t) for t in bf16.tokens] == [6, 6, 6]
+
+
+def test_prompt_bucket_leaves_room_for_the_new_tokens_within_max_seq_len():
+    _, params = _setup(CONFIG)
+    prompt = list(np.random.default_rng(4).integers(1, 128, 250))
+    capped = Generator(params, CONFIG, prefill_chunk=16)  # bucket 256, capped at 256 - 6 slots
+    out = capped.generate([prompt], max_new_tokens=6)
+    assert [key[1][1] for key in capped.executables if key[0] == "prefill"] == [250]
+    roomy = Generator(params, CONFIG.replace(max_seq_len=512), prefill_chunk=16).generate([prompt], max_new_tokens=6)
+    assert out.tokens == roomy.tokens and len(out.tokens[0]) == 6
 
 
 def test_a_cache_the_device_cannot_hold_is_one_generation_error(monkeypatch):
