@@ -1,10 +1,10 @@
 """Long prompts: the compiled prefill's memory for the llama3.1-8b shape, and CPU prefill time for a small model.
 
-Table 1 compiles `engine.prefill` for the llama3.1-8b shape (all 32 layers, scan_layers=True so that the compile
-takes a minute, not an hour; fp32 weights as abstract shapes, nothing allocated) at 8k, 32k and 128k prompt
-tokens, batch 1, and prints XLA's `memory_analysis()`. Working memory = arguments + outputs + temporaries − aliased
-− weights − KV cache: what prefill needs beyond the weights and the cache it fills. Targets: ≤ 4 GiB at every
-length, and at 128k ≤ 1.05 × the 8k value.
+Table 1 compiles `engine.prefill` for the llama3.1-8b shape (all 32 layers, unrolled as the Generator runs them,
+or under nn.scan with --scan-layers; fp32 weights as abstract shapes, nothing allocated) at 8k, 32k and 128k
+prompt tokens, batch 1, and prints XLA's `memory_analysis()`. Working memory = arguments + outputs + temporaries
+− aliased − weights − KV cache: what prefill needs beyond the weights and the cache it fills. Targets: ≤ 4 GiB at
+every length, and at 128k ≤ 1.05 × the 8k value.
 
 Table 2 times prefill (compiled first, best of --rounds) of a small random model (dim 256, 2 layers, 8 heads)
 on this machine's CPU: chunked (--prefill-chunk tokens at a time), the prompt in one piece (blockwise attention
@@ -13,7 +13,7 @@ still bounds its scores), and the prompt in one piece through the einsum referen
 attention over a long cache, the CPU decode windows against the blockwise loop, which is how
 CPU_WINDOWS_MAX_KEYS was chosen.
 
-    python benchmarks/long_context.py                      # both tables (several minutes on a CPU)
+    python benchmarks/long_context.py                      # all three tables (a few minutes on a CPU)
     python benchmarks/long_context.py --skip-memory --lengths 1024 4096
 
 The CLI on a 32k-token prompt, with its peak RSS (a model folder of the small shape, max_seq_len 65536, the
@@ -47,6 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--prefill-chunk", type=int, default=512)
     p.add_argument("--einsum-max", type=int, default=4096, help="longest prompt for the einsum reference column")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--scan-layers", action="store_true", help="table 1 with the layers under nn.scan")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-time", action="store_true")
     return p.parse_args(argv)
@@ -77,20 +78,22 @@ def _static(config, ops, prompt: int, chunk: int, new: int = 8):
                 new_bucket=new, chunk=chunk, kv_dtype=jnp.dtype(config.compute_dtype).name)
 
 
-def memory_table(lengths: list[int], chunk: int) -> list[float]:
+def memory_table(lengths: list[int], chunk: int, scan_layers: bool) -> list[float]:
     import jax
     import numpy as np
 
     from llama_jax.config import preset
     from llama_jax.inference import engine
     from llama_jax.kernels import select_ops
-    from llama_jax.model import init_params
+    from llama_jax.model import init_params, unstack_layers
 
-    config = preset("llama3.1-8b", dtype="float32", param_dtype="float32", scan_layers=True)
+    config = preset("llama3.1-8b", dtype="float32", param_dtype="float32", scan_layers=scan_layers)
     params = jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
+    if not scan_layers:
+        params = jax.eval_shape(functools.partial(unstack_layers, n_layers=config.n_layers), params)
     weights = sum(int(np.prod(p.shape)) * p.dtype.itemsize for p in jax.tree.leaves(params))
     ops = select_ops(config)
-    print(f"Prefill memory, llama3.1-8b shape ({config.n_layers} layers, scan_layers=True), fp32 weights "
+    print(f"Prefill memory, llama3.1-8b shape ({config.n_layers} layers, scan_layers={scan_layers}), fp32 weights "
           f"{weights / GIB:.1f} GiB, batch 1, prefill chunk {chunk}, attention block {ops.attention_block}, "
           f"backend {jax.default_backend()}")
     print(f"{'prompt':>8} {'cache':>8} {'arguments':>10} {'outputs':>10} {'temps':>10} {'aliased':>10} "
@@ -115,7 +118,7 @@ def memory_table(lengths: list[int], chunk: int) -> list[float]:
           f"(max {max(working):.3f}); {lengths[-1]} <= 1.05 x {lengths[0]}: "
           f"{'met' if flat <= 1.05 else 'MISSED'} ({flat:.3f}x)")
     # For comparison: the whole prompt in one piece through the einsum path (2 layers, to keep the compile short).
-    shallow = config.replace(n_layers=2)
+    shallow = config.replace(n_layers=2, scan_layers=True)
     params = jax.eval_shape(functools.partial(init_params, shallow), jax.random.key(0))
     einsum = dataclasses.replace(ops, attention_block=1 << 30)
     for prompt in lengths[:2]:
@@ -193,7 +196,7 @@ def main(argv=None) -> int:
 
     print(f"jax {jax.__version__}, {jax.default_backend()}")
     if not args.skip_memory:
-        memory_table(args.memory_lengths, args.prefill_chunk)
+        memory_table(args.memory_lengths, args.prefill_chunk, args.scan_layers)
     if not args.skip_time:
         time_table(args.lengths, args.prefill_chunk, args.einsum_max, args.rounds)
         decode_table([1024, 2048, 4096, 16384, 65536], args.rounds)
