@@ -5,6 +5,7 @@
     python generate.py --checkpoint DIR --prompts-file prompts.txt          # one prompt per line
     python generate.py --checkpoint DIR --chat --prompt "Explain RoPE"      # Llama 2 / 3 chat format
     python generate.py --checkpoint DIR --chat                              # interactive, keeps the dialog
+    python generate.py --checkpoint DIR --prompts-file book.txt --kv-dtype bfloat16   # long prompts, chunked
     python generate.py --checkpoint models/llama3-70b --mesh-tensor 8 --prompt "..."   # one 8-GPU node
 
 Text streams to stdout as it is produced (a batch prints each completion when done); tokens/s,
@@ -53,6 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="compute and parameter dtype (default: as in config.json)")
     p.add_argument("--chunk-size", type=int, default=8, metavar="N",
                    help="tokens decoded on the device between two screen updates (default 8)")
+    p.add_argument("--prefill-chunk", type=int, default=512, metavar="N",
+                   help="prompt tokens run through the model at a time, which bounds a long prompt's memory "
+                        "(default 512)")
+    p.add_argument("--kv-dtype", choices=["float32", "bfloat16", "float16"],
+                   help="the KV cache's dtype (default: the compute dtype)")
     s = p.add_argument_group("parallelism (as in train.py; without these flags, one device)")
     s.add_argument("--mesh-tensor", type=int, default=1, metavar="N",
                    help="tensor-parallel axis: heads, MLP and vocabulary split over N devices (default 1)")
@@ -77,6 +83,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.chunk_size < 1:
         raise UsageError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    if args.prefill_chunk < 1:
+        raise UsageError(f"--prefill-chunk must be >= 1, got {args.prefill_chunk}")
     if args.system is not None and not args.chat:
         raise UsageError("--system needs --chat")
     if args.mesh_tensor < 1 or args.mesh_data < 1:
@@ -172,7 +180,7 @@ def run(args: argparse.Namespace, prompts: list[str]) -> int:
         encoded = [tok.encode(p, bos=True, eos=False) for p in prompts]
 
     gen = Generator.from_checkpoint(model_dir, config, adapter=adapter, mesh=mesh, stop_ids=tok.stop_ids,
-                                    pad_id=tok.pad_id)
+                                    pad_id=tok.pad_id, prefill_chunk=args.prefill_chunk, kv_dtype=args.kv_dtype)
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     options = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, chunk_size=args.chunk_size)
     if encoded:

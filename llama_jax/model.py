@@ -99,9 +99,8 @@ class Attention(nn.Module):
             out = ops.attention(q, k, v, q_positions=positions, kv_positions=positions)
         else:
             cache = cache.write(layer, k, v)
-            k, v = (a.astype(x.dtype) for a in cache.layer(layer))
-            out = ops.attention(q, k, v, q_positions=positions, kv_positions=cache.positions,
-                                kv_len=cache.index + x.shape[1], heads_first=True)
+            out = ops.attention(q, cache.k, cache.v, q_positions=positions, kv_positions=cache.positions,
+                                kv_len=cache.index + x.shape[1], heads_first=True, layer=layer)
         return ops.dense(out, wo, n_in=2), cache
 
 
@@ -142,7 +141,7 @@ class Llama(nn.Module):
     ops: Ops = Ops()
 
     @nn.compact
-    def __call__(self, tokens, positions=None, cache: KVCache | None = None):
+    def __call__(self, tokens, positions=None, cache: KVCache | None = None, last_only: bool = False):
         cfg, ops = self.config, self.ops
         embedding = _param(self, "tok_embeddings", (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg)
         x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
@@ -162,6 +161,8 @@ class Llama(nn.Module):
             for i in range(cfg.n_layers):
                 (x, cache), _ = block(cfg, ops, name=f"layers_{i}")((x, cache), i, positions)
 
+        if last_only:  # generation needs the last position's logits only: no [batch, seq, vocab] product
+            x = x[:, -1:]
         x = RMSNorm(cfg, name="norm")(x)
         head = embedding.T if cfg.tie_embeddings else _param(self, "output", (cfg.dim, cfg.vocab_size),
                                                             ("embed", "vocab"), cfg)
@@ -204,8 +205,8 @@ def unstack_layers(params: Params, n_layers: int) -> Params:
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None,
-            *, config: LlamaConfig, ops: Ops | None = None):
-    """Logits [batch, seq, vocab] in fp32 and the updated cache (None when no cache was given).
+            *, config: LlamaConfig, ops: Ops | None = None, last_only: bool = False):
+    """Logits [batch, seq, vocab] in fp32 (seq 1 with last_only) and the updated cache (None without a cache).
 
     tokens, positions: int [batch, seq]; a position of -1 marks a padding token that nothing attends to.
     positions=None (no cache) means 0..seq-1 in every row, unpadded: training's case, where attention needs no
@@ -219,4 +220,4 @@ def forward(params: Params, tokens: jax.Array, positions: jax.Array | None = Non
     # fp32 compute means Meta's fp32 arithmetic. On NVIDIA GPUs XLA otherwise rounds fp32 matmul inputs to TF32.
     fp32 = config.compute_dtype == jnp.float32
     with jax.default_matmul_precision("highest") if fp32 else contextlib.nullcontext():
-        return Llama(config, ops).apply({"params": params}, tokens, positions, cache)
+        return Llama(config, ops).apply({"params": params}, tokens, positions, cache, last_only)

@@ -59,21 +59,35 @@ def _sample(logits, key, step, switches: SamplerSwitches, inputs: SamplingInputs
                        top_p=inputs.top_p, is_greedy=switches.greedy, use_top_p=switches.top_p)
 
 
-@partial(jax.jit, static_argnames=("config", "ops", "switches", "cache_len", "new_bucket"))
+def prefill_logits(params, tokens, positions, cache: KVCache, *, config: LlamaConfig, ops: Ops, chunk: int):
+    """The prompts into `cache`, `chunk` tokens at a time against the growing cache, so that attention's memory
+    is bounded by the chunk, not the prompt (a prompt of at most `chunk` tokens is one piece); returns the last
+    position's logits [B, 1, vocab] and the cache."""
+    prompt_len = tokens.shape[1]
+    # Whole chunks first, then the tail (1..chunk tokens), of which only the last token's logits are computed.
+    head = (prompt_len - 1) // chunk * chunk
+
+    def run_chunk(i, cache):
+        piece = (jax.lax.dynamic_slice_in_dim(a, i * chunk, chunk, 1) for a in (tokens, positions))
+        return forward(params, *piece, cache, config=config, ops=ops)[1]
+
+    if head:
+        cache = jax.lax.fori_loop(0, head // chunk, run_chunk, cache)
+    return forward(params, tokens[:, head:], positions[:, head:], cache, config=config, ops=ops, last_only=True)
+
+
+@partial(jax.jit, static_argnames=("config", "ops", "switches", "cache_len", "new_bucket", "chunk", "kv_dtype"))
 def prefill(params, tokens, positions, active, key, inputs: SamplingInputs, *, config: LlamaConfig, ops: Ops,
-            switches: SamplerSwitches, cache_len: int, new_bucket: int) -> DecodeState:
-    """Fills a fresh cache with the prompts and samples each row's first new token.
+            switches: SamplerSwitches, cache_len: int, new_bucket: int, chunk: int, kv_dtype=None) -> DecodeState:
+    """Fills a fresh cache (of `kv_dtype`, default the compute dtype) with the prompts and samples each row's
+    first new token.
 
     tokens, positions: [B, P] left-padded (position -1 = padding); active: [B] False for batch-padding rows.
     """
     TRACE_COUNTS["prefill"] += 1
-    batch, prompt_len = tokens.shape
-    cache = init_cache(config, batch, cache_len)
-    if prompt_len > 1:
-        # Only the last position's logits are needed: running the rest separately lets XLA drop their
-        # [B, P-1, vocab] output projection as dead code instead of materialising it.
-        _, cache = forward(params, tokens[:, :-1], positions[:, :-1], cache, config=config, ops=ops)
-    logits, cache = forward(params, tokens[:, -1:], positions[:, -1:], cache, config=config, ops=ops)
+    batch = tokens.shape[0]
+    cache = init_cache(config, batch, cache_len, kv_dtype)
+    logits, cache = prefill_logits(params, tokens, positions, cache, config=config, ops=ops, chunk=chunk)
     first = jnp.where(active, _sample(logits[:, 0], key, 0, switches, inputs), inputs.pad_id)
     # Replicated on a mesh: every process reads the new ids back.
     out = nn.with_logical_constraint(jnp.full((batch, new_bucket), inputs.pad_id, jnp.int32), (None, None))

@@ -7,8 +7,9 @@ and streams or returns the tokens.
     out.tokens[i]        # row i's new ids, without the stop id
     for chunk in gen.stream(prompts_ids, chunk_size=16): ...   # the same loop, returning every 16 tokens
 
-Shapes are bucketed (batch and prompt length to powers of two, the number of new tokens too), so a second call
-with other prompts of similar size reuses the compiled functions.
+Shapes are bucketed (batch and prompt length to powers of two, prompts beyond one prefill chunk to a multiple of
+it, the number of new tokens to a power of two), so a second call with other prompts of similar size reuses the
+compiled functions.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ class Generator:
     packed_weights: multiply by weights packed for the CPU decoding kernel (kernels/packed_matmul). None
     (default) packs them where that applies: a CPU, an fp32 model, the kernel built; True insists
     (GenerationError where it cannot); False keeps XLA's dot. Packing copies the weights once, here.
+    prefill_chunk: prompts go through the model this many tokens at a time, so that prefill's memory does not
+    grow with the square of the prompt; longer prompts are bucketed to a multiple of it.
+    kv_dtype: the KV cache's dtype, e.g. "bfloat16" (default: the compute dtype).
     """
 
     def __init__(self, params: Any, config: LlamaConfig, **options: Any):
@@ -117,7 +121,10 @@ class Generator:
 
     def _configure(self, config: LlamaConfig, *, mesh=None, stop_ids: Sequence[int] = (), pad_id: int = 0,
                    scan_layers: bool = False, min_prompt_bucket: int = 16,
-                   compiler_options: dict[str, Any] | None = None, packed_weights: bool | None = None) -> None:
+                   compiler_options: dict[str, Any] | None = None, packed_weights: bool | None = None,
+                   prefill_chunk: int = 512, kv_dtype: str | None = None) -> None:
+        if prefill_chunk < 1:
+            raise GenerationError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.mesh = None if mesh is None else sh.as_auto_mesh(mesh)
         tensor = tensor_size(self.mesh)
         for name, size in (("n_heads", config.n_heads), ("hidden_dim", config.hidden_dim)):
@@ -137,6 +144,8 @@ class Generator:
         self._stop_array = jnp.asarray(stop_ids + [-1] * (MAX_STOP_IDS - len(stop_ids)), jnp.int32)
         self.pad_id = int(pad_id)
         self.min_prompt_bucket = min_prompt_bucket
+        self.prefill_chunk = prefill_chunk
+        self.kv_dtype = jnp.dtype(kv_dtype or self.config.compute_dtype).name
         # (function, input shapes, sampler switches) -> executable.
         self.executables: dict[tuple, Any] = {}
         self.compile_seconds = 0.0  # total spent compiling, for reporting it apart from generation time
@@ -163,10 +172,16 @@ class Generator:
         # Meta's rule: generation stops at max_seq_len for the longest prompt.
         return min(max_new_tokens, limit - max(len(p) for p in prompts))
 
-    def _left_pad(self, prompts: Sequence[Sequence[int]]):
+    def _left_pad(self, prompts: Sequence[Sequence[int]], max_new: int):
         data = 1 if self.mesh is None else self.mesh.shape["data"]
         batch = -(-next_power_of_two(len(prompts)) // data) * data  # rows split evenly over the data axis
-        length = next_power_of_two(max(len(p) for p in prompts), self.min_prompt_bucket)
+        longest, chunk = max(len(p) for p in prompts), self.prefill_chunk
+        if longest > chunk:
+            length = -(-longest // chunk) * chunk
+        else:
+            length = next_power_of_two(longest, self.min_prompt_bucket)
+        # Padding slots are cache slots too: the prompt and the new tokens must fit in max_seq_len.
+        length = min(length, self.config.max_seq_len - max_new)
         tokens = np.full((batch, length), self.pad_id, np.int32)
         positions = np.full((batch, length), -1, np.int32)
         for i, p in enumerate(prompts):
@@ -182,14 +197,40 @@ class Generator:
 
     def _start(self, prompts, max_new_tokens, sampling: SamplingParams, seed: int):
         max_new = self.check(prompts, max_new_tokens)
-        tokens, positions, active = (self._rows(x) for x in self._left_pad(prompts))
+        tokens, positions, active = (self._rows(x) for x in self._left_pad(prompts, max_new))
         new_bucket = next_power_of_two(max_new, 8)
+        cache_len = min(tokens.shape[1] + new_bucket, self.config.max_seq_len)
+        key = ("prefill", tokens.shape, new_bucket, sampling.switches)
+        if key not in self.executables:
+            self._check_memory(tokens.shape[0], cache_len)
         inputs = self._inputs(sampling)
         args = (self.params, tokens, positions, active, jax.random.key(seed), inputs)
-        static = dict(config=self.config, ops=self.ops, switches=sampling.switches,
-                      cache_len=tokens.shape[1] + new_bucket, new_bucket=new_bucket)
-        run = self._compiled(("prefill", tokens.shape, new_bucket, sampling.switches), engine.prefill, args, static)
+        static = dict(config=self.config, ops=self.ops, switches=sampling.switches, cache_len=cache_len,
+                      new_bucket=new_bucket, chunk=self.prefill_chunk, kv_dtype=self.kv_dtype)
+        run = self._compiled(key, engine.prefill, args, static)
         return run(*args), max_new, inputs
+
+    def _check_memory(self, batch: int, cache_len: int) -> None:
+        """A KV cache the device cannot hold next to the weights is a GenerationError before anything compiles
+        (where JAX reports the device's memory; a CPU's it does not)."""
+        device = jax.devices()[0] if self.mesh is None else next(
+            d for d in self.mesh.devices.flat if d.process_index == jax.process_index())  # one of this process's
+        stats = device.memory_stats()
+        if not stats or "bytes_limit" not in stats:
+            return
+        cfg = self.config
+        cache = 2 * cfg.n_layers * batch * cfg.kv_heads * cache_len * cfg.head_dim * jnp.dtype(self.kv_dtype).itemsize
+        if self.mesh is not None:  # rows split over data, KV heads over tensor: each device holds its share
+            cache //= self.mesh.shape["data"] * self.mesh.shape["tensor"]
+        weights = sum(shard.data.nbytes for leaf in jax.tree.leaves(self.params) for shard in leaf.addressable_shards
+                      if shard.device == device)
+        limit, in_use = stats["bytes_limit"], stats.get("bytes_in_use", weights)
+        if cache > limit - in_use:
+            mib = 2 ** 20
+            raise GenerationError(f"the KV cache of {batch} x {cache_len} slots ({self.kv_dtype}) needs "
+                                  f"{cache / mib:,.0f} MiB; the device has {(limit - in_use) / mib:,.0f} MiB free of "
+                                  f"{limit / mib:,.0f} MiB (weights {weights / mib:,.0f} MiB): shorten the prompts, "
+                                  "the batch or max_new_tokens, or use a smaller kv_dtype")
 
     def _decode(self, state: DecodeState, until: int, inputs: SamplingInputs, sampling: SamplingParams):
         args = (self.params, state, jnp.int32(until), inputs)

@@ -6,6 +6,8 @@ the result is handed to the model. `Ops` names its kernels with strings, so it i
                  always runs the packed CPU decoding kernel (packed_matmul)
     attention    einsum (reference, blocked causal) | xla (jax.nn) | cudnn (fused causal, GPU, bf16/fp16)
     cache        einsum | cpu_windows (a decode step reads only the filled part of the cache)
+    blockwise    attention over more than `attention_block` keys with positions (long prompts, long caches) runs
+                 in blocks with an online softmax on every backend, in bounded memory
 """
 
 from __future__ import annotations
@@ -26,30 +28,49 @@ __all__ = ["LoraWeight", "Ops", "PackedWeight", "decode_compiler_options", "defa
 
 GPU_BACKENDS = ("gpu", "cuda", "rocm")
 
+# A CPU decode step reads caches up to this long through the decode windows, longer ones blockwise: past a few
+# thousand slots the blockwise loop, which stops at the filled part, was faster (docs/design.md).
+CPU_WINDOWS_MAX_KEYS = 2048
+
 
 @dataclasses.dataclass(frozen=True)
 class Ops:
     dense_kernel: str = "xla"
     attention_kernel: str = "einsum"
     cache_kernel: str = "einsum"
+    # Attention over more keys than this runs blockwise (flash style) in blocks of this many queries and keys.
+    attention_block: int = 512
 
     def dense(self, x, w, n_in: int = 1):
         """x [*batch, *in] times w [*in, *out] (an array, a PackedWeight or a LoraWeight), contracting n_in axes."""
         return dense(x, w, n_in, self.dense_kernel)
 
-    def attention(self, q, k, v, *, q_positions=None, kv_positions=None, kv_len=None, heads_first: bool = False):
+    def attention(self, q, k, v, *, q_positions=None, kv_positions=None, kv_len=None, heads_first: bool = False,
+                  layer=None):
         """Grouped-query attention; returns [batch, q_len, heads, head_dim].
 
         q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim], or with heads_first
         [batch, kv_heads, kv_len, head_dim] (the cache's layout). q_positions [batch, q_len] and kv_positions
         [batch, kv_len]: a query sees the keys at positions 0..its own, and position -1 (padding, an empty slot)
         is never seen. Both None: every row is 0..q_len-1, unpadded, the plain causal case. kv_len: how many
-        leading slots of k/v can hold keys; the rest need not be read.
+        leading slots of k/v can hold keys; the rest need not be read. k and v may be stored in another dtype
+        than q's (the cache's); they are computed with in q's. layer: k and v are a KVCache's per-layer tuples or
+        stacked [layers, ...] arrays, of which this layer is read.
         """
         if q_positions is None:
             return attn.plain_causal(q, k, v, self.attention_kernel)
+        if isinstance(k, tuple):
+            k, v, layer = k[layer], v[layer], None
+        keys = k.shape[-2 if heads_first else -3]
+        windows = self.cache_kernel == "cpu_windows" and heads_first and kv_len is not None and q.shape[1] == 1
+        if keys > self.attention_block and not (windows and keys <= CPU_WINDOWS_MAX_KEYS):
+            return attn.blockwise_attention(q, k, v, q_positions, kv_positions, kv_len, heads_first,
+                                            self.attention_block, layer)
+        if layer is not None:
+            k, v = k[layer], v[layer]
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
         mask = attn.position_mask(q_positions, kv_positions)
-        if self.cache_kernel == "cpu_windows" and heads_first and kv_len is not None and q.shape[1] == 1:
+        if windows:
             return attn.cpu_decode_windows(q, k, v, mask, kv_len)
         return attn.masked(q, k, v, mask, self.attention_kernel, heads_first)
 
@@ -72,8 +93,9 @@ def select_ops(config: LlamaConfig, backend: str | None = None) -> Ops:
         fused = (backend in GPU_BACKENDS and config.compute_dtype in (jnp.bfloat16, jnp.float16)
                  and config.head_dim % 8 == 0 and config.head_dim <= 128)
         attention = "cudnn" if fused else "xla"
+    # Larger products suit a GPU; neither block size is tuned.
     return Ops(dense_kernel="cpu" if cpu else "xla", attention_kernel=attention,
-               cache_kernel="cpu_windows" if cpu else "einsum")
+               cache_kernel="cpu_windows" if cpu else "einsum", attention_block=512 if cpu else 1024)
 
 
 # XLA:CPU hands dots to YNNPACK by default; decoding multiplies a few rows by each weight matrix, where Eigen's GEMM

@@ -112,3 +112,66 @@ def _elementwise_attention(q, k, v, mask, slots: int):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.sum(probs[..., None].astype(jnp.float32) * v[:, :, None].astype(jnp.float32), axis=3)
     return out.astype(v.dtype).reshape(b, 1, h, d)
+
+
+def blockwise_attention(q, k, v, q_positions, kv_positions, kv_len, heads_first: bool, block: int, layer=None):
+    """The position mask's attention (see `position_mask`) in blocks, flash style, for long prompts and caches:
+    at most `block` queries × `block` keys of scores exist at a time, whatever the lengths. An online softmax
+    carries each query's running max, sum and output in fp32 across key blocks; scores are computed in the compute
+    dtype, as Meta's. Only slots below `kv_len` are read. q [b, t, h, d]; k, v [b, s, g, d] or heads first
+    [b, g, s, d], in any dtype (each block is cast to q's); with `layer`, k and v are stacked on a leading layers
+    axis and each block is read from that layer in place, where slicing the layer out first would copy it. A query
+    that sees no key at all (padding) gets the mean of the values it visited: ignorable, as on the einsum path,
+    though not the same numbers."""
+    b, t, h, d = q.shape
+    if t <= block:
+        return _key_blocks(q, k, v, q_positions, kv_positions, kv_len, heads_first, block, layer)
+    # Query blocks one after another; the queries are padded (position -1) to whole blocks.
+    n = -(-t // block)
+    pad = n * block - t
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, block, h, d).swapaxes(0, 1)
+    pp = jnp.pad(q_positions, ((0, 0), (0, pad)), constant_values=-1).reshape(b, n, block).swapaxes(0, 1)
+    out = jax.lax.map(lambda x: _key_blocks(x[0], k, v, x[1], kv_positions, kv_len, heads_first, block, layer),
+                      (qp, pp))
+    return out.swapaxes(0, 1).reshape(b, n * block, h, d)[:, :t]
+
+
+def _key_blocks(q, k, v, q_positions, kv_positions, kv_len, heads_first: bool, block: int, layer):
+    b, t, h, d = q.shape
+    axis = 2 if heads_first else 1
+    shape = k.shape[-4:]
+    s, g = shape[axis], shape[3 - axis]
+    block = min(block, s)
+
+    def read(a, start):
+        if layer is None:
+            return jax.lax.dynamic_slice_in_dim(a, start, block, axis)
+        starts = [layer, 0, 0, 0, 0]
+        starts[axis + 1] = start
+        return jax.lax.dynamic_slice(a, starts, (1, *shape[:axis], block, *shape[axis + 1:]))[0]
+
+    q = q.reshape(b, t, g, h // g, d)
+    kv = "bgsd" if heads_first else "bsgd"
+    n_blocks = -(-(s if kv_len is None else kv_len) // block)
+
+    def step(j, carry):
+        running_max, total, acc = carry  # [b, g, r, t] twice, [b, g, r, t, d]
+        # The last block ends at slot s: its start is pulled back, and slots an earlier block read are masked.
+        start = jnp.minimum(j * block, s - block)
+        kb, vb = (read(a, start).astype(q.dtype) for a in (k, v))
+        pos = jax.lax.dynamic_slice_in_dim(kv_positions, start, block, 1)
+        fresh = start + jnp.arange(block) >= j * block
+        seen = position_mask(q_positions, pos) & fresh[None, None, :]  # [b, t, block]
+        scores = (jnp.einsum(f"btgrd,{kv}->bgrts", q, kb) / math.sqrt(d)).astype(jnp.float32)
+        scores = jnp.where(seen[:, None, None], scores, MASKED)
+        new_max = jnp.maximum(running_max, scores.max(axis=-1))
+        scale = jnp.exp(running_max - new_max)
+        probs = jnp.exp(scores - new_max[..., None])
+        pv = jnp.einsum(f"bgrts,{kv}->bgrtd", probs.astype(q.dtype), vb, preferred_element_type=jnp.float32)
+        return new_max, total * scale + probs.sum(axis=-1), acc * scale[..., None] + pv
+
+    stats = jnp.full((b, g, h // g, t), MASKED, jnp.float32)
+    init = (stats, jnp.zeros_like(stats), jnp.zeros((b, g, h // g, t, d), jnp.float32))
+    _, total, acc = jax.lax.fori_loop(0, n_blocks, step, init)
+    out = (acc / total[..., None]).astype(q.dtype)  # [b, g, r, t, d]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
