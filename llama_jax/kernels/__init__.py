@@ -36,15 +36,19 @@ class Ops:
         """x [*batch, *in] times w [*in, *out] (an array or a PackedWeight), contracting n_in axes."""
         return dense(x, w, n_in, self.dense_kernel)
 
-    def attention(self, q, k, v, *, q_positions=None, kv_positions=None, kv_len=None, heads_first: bool = False):
+    def attention(self, q, k, v, *, q_positions=None, kv_positions=None, kv_len=None, heads_first: bool = False,
+                  segment_ids=None):
         """Grouped-query attention; returns [batch, q_len, heads, head_dim].
 
         q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim], or with heads_first
         [batch, kv_heads, kv_len, head_dim] (the cache's layout). q_positions [batch, q_len] and kv_positions
         [batch, kv_len]: a query sees the keys at positions 0..its own, and position -1 (padding, an empty slot)
         is never seen. Both None: every row is 0..q_len-1, unpadded, the plain causal case. kv_len: how many
-        leading slots of k/v can hold keys; the rest need not be read.
+        leading slots of k/v can hold keys; the rest need not be read. segment_ids [batch, q_len] (self-attention of
+        packed training rows): a query sees the keys of its own segment up to itself; positions then only rotate.
         """
+        if segment_ids is not None:
+            return attn.document_causal(q, k, v, segment_ids, self.attention_kernel)
         if q_positions is None:
             return attn.plain_causal(q, k, v, self.attention_kernel)
         mask = attn.position_mask(q_positions, kv_positions)
