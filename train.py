@@ -62,7 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "data/pydoc.model exists), trains --preset demo into --run-dir (default runs/demo), then "
                         "prints a greedy sample. Flags given with it override the demo's settings (a --steps "
                         "shorter than its 30 warmup steps warms up for 5%% of them); --resume continues it")
-    t.add_argument("--data", help="a text file or a folder of .txt/.md/.rst/.jsonl files")
+    t.add_argument("--data", help="a dataset folder written by prepare_data.py (read from disk), or a text file or "
+                                  "folder of .txt/.md/.rst/.jsonl files (tokenised into memory: small corpora)")
+    t.add_argument("--document-mask", action=argparse.BooleanOptionalAction,
+                   help="attention stays inside each document of a packed row, positions restart at each document "
+                        "(default: on for a prepared dataset, off for text)")
     t.add_argument("--tokenizer", help="tokenizer.model (default: the --init-from model's)")
     t.add_argument("--run-dir", help="checkpoints, metrics and config.json go here (required without --demo)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
@@ -117,7 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 TRAIN_FLAGS = ("data", "tokenizer", "run_dir", "seed", "steps", "batch_size", "grad_accum", "seq_len", "lr",
                "min_lr_ratio", "warmup_steps", "weight_decay", "b1", "b2", "clip_norm", "eval_every",
                "eval_batches", "eval_fraction", "log_every", "save_every", "keep", "async_checkpoint",
-               "peak_flops", "mesh_data", "mesh_fsdp", "mesh_tensor")
+               "peak_flops", "mesh_data", "mesh_fsdp", "mesh_tensor", "document_mask")
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL
 MODEL_FLAGS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
 
