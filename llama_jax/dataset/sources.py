@@ -70,7 +70,8 @@ class Unit:
     size: int = 0  # input bytes, for the progress bar's MB/s
 
     def describe(self) -> dict:
-        return dataclasses.asdict(self)
+        """As a shard's record stores it (JSON: files as a list)."""
+        return {**dataclasses.asdict(self), "files": list(self.files)}
 
 
 def plan_units(files: list[Path], unit_bytes: int = UNIT_BYTES) -> list[Unit]:
@@ -92,7 +93,9 @@ def plan_units(files: list[Path], unit_bytes: int = UNIT_BYTES) -> list[Unit]:
             batch_bytes += size
             if batch_bytes >= unit_bytes:
                 flush()
-        elif kind == "parquet":
+            continue
+        flush()  # documents keep the order of the inputs
+        if kind == "parquet":
             groups, sizes = _row_groups(path)
             per_unit = max(1, int(len(groups) * unit_bytes // max(sum(sizes), 1)))
             for g in range(0, len(groups), per_unit):
