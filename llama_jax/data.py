@@ -18,9 +18,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -50,33 +49,15 @@ def list_text_files(path: str | Path) -> list[Path]:
 
 def read_documents(path: str | Path) -> list[str]:
     """One document per text file; a .jsonl file gives one document per line's "text" field."""
+    from llama_jax.dataset import sources  # it imports this module
+
     docs: list[str] = []
     for file in list_text_files(path):
-        try:
-            text = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        if file.suffix == ".jsonl":
-            docs.extend(_jsonl_texts(file, text))
-        elif text.strip():
-            docs.append(text)
+        kind = "jsonl" if file.suffix == ".jsonl" else "text"
+        docs.extend(sources.documents(sources.Unit(kind, (str(file),), 0, file.stat().st_size)))
     if not docs:
         raise DataError(f"{path}: no non-empty documents")
     return docs
-
-
-def _jsonl_texts(file: Path, text: str) -> Iterable[str]:
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{file}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataError(f'{file}:{n}: expected an object with a string "text" field')
-        if record["text"].strip():
-            yield record["text"]
 
 
 def pydoc_topics() -> dict[str, str]:

@@ -111,8 +111,9 @@ def _run_units(todo: list[tuple[int, sources.Unit]], workers: int, init_args: tu
 
 def prepare_dataset(inputs: list[str], tokenizer_path: str | Path, output: str | Path, *, workers: int | None = None,
                     resume: bool = False, text_field: str = "text", progress: bool = True,
-                    unit_bytes: int = sources.UNIT_BYTES, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Tokenises `inputs` into the dataset folder `output`; returns its manifest."""
+                    unit_bytes: int | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Tokenises `inputs` into the dataset folder `output`; returns its manifest. unit_bytes: input bytes per
+    shard (default: sources.unit_bytes_for the inputs)."""
     from llama_jax.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_path)

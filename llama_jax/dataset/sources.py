@@ -20,7 +20,14 @@ from llama_jax.data import TEXT_SUFFIXES, DataError
 
 COMPRESSED = (".gz", ".zst")
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-UNIT_BYTES = 64 << 20  # input bytes per unit: big enough to amortise a shard, small enough to spread over workers
+MAX_UNIT_BYTES = 64 << 20  # input bytes per unit: big enough to amortise a shard, small enough to spread
+MIN_UNIT_BYTES = 1 << 20
+
+
+def unit_bytes_for(files: list[Path]) -> int:
+    """About 64 units for a small corpus (enough for any worker count), 64 MB each for a big one; it depends on
+    the inputs alone, so a resumed run with other --workers plans the same shards."""
+    return int(min(MAX_UNIT_BYTES, max(MIN_UNIT_BYTES, sum(_size(f) for f in files) // 64)))
 
 
 def kind_of(path: Path) -> str | None:
@@ -74,8 +81,9 @@ class Unit:
         return {**dataclasses.asdict(self), "files": list(self.files)}
 
 
-def plan_units(files: list[Path], unit_bytes: int = UNIT_BYTES) -> list[Unit]:
+def plan_units(files: list[Path], unit_bytes: int | None = None) -> list[Unit]:
     """The units of work, in a deterministic order: the same inputs always give the same shards."""
+    unit_bytes = unit_bytes or unit_bytes_for(files)
     units: list[Unit] = []
     batch: list[Path] = []
     batch_bytes = 0
