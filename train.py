@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train or fine-tune a LLaMA model on text files, on one CPU, one GPU, a GPU node or a TPU pod slice.
+"""Train or fine-tune a LLaMA model on text or a prepared dataset, on one CPU, one GPU, a GPU node or a TPU pod slice.
 
 Examples:
   # the no-download demo in one command: data/pydoc + data/pydoc.model under the current folder (kept for the
@@ -9,6 +9,10 @@ Examples:
   # the same demo step by step
   python -m llama_jax.train_tokenizer --pydoc-topics data/pydoc --output data/pydoc.model
   python train.py --preset demo --data data/pydoc --tokenizer data/pydoc.model --run-dir runs/demo
+
+  # a corpus of any size: tokenised once (all cores), then read from disk with document masking
+  python prepare_data.py --input corpus/ --tokenizer tokenizer.model --output data/corpus
+  python train.py --preset small-100m --data data/corpus --tokenizer tokenizer.model --run-dir runs/small
 
   # continue an interrupted run (all settings come from RUN_DIR/train_config.json)
   python train.py --run-dir runs/demo --resume

@@ -4,7 +4,7 @@ the rate of the tokenizer alone in one process (encode over documents already in
 The corpus is generated: CPython's pydoc topics (79 documents of reference-manual English and code), repeated into
 text files of about 4 MB until --size-mb, so the tokenizers see real text and nothing is downloaded.
 
-    python benchmarks/prepare_data.py                                  # Llama 2 and Llama 3 tokenizers, 48 MB
+    python benchmarks/prepare_data.py               # Llama 2 and Llama 3 tokenizers ($LLAMA_JAX_TOKENIZERS), 48 MB
     python benchmarks/prepare_data.py --tokenizer PATH --size-mb 200 --workers 8
 """
 
@@ -25,7 +25,9 @@ from llama_jax.data import pydoc_topics  # noqa: E402
 from llama_jax.dataset.prepare import prepare_dataset  # noqa: E402
 from llama_jax.tokenizer import load_tokenizer  # noqa: E402
 
-TOKENIZERS = ["/work/shared/tokenizers/llama2/tokenizer.model", "/work/shared/tokenizers/llama3/tokenizer.model"]
+# Meta's tokenizer files, where the tests look for them: $LLAMA_JAX_TOKENIZERS or ../shared/tokenizers.
+TOKENIZER_DIR = Path(os.environ.get("LLAMA_JAX_TOKENIZERS") or ROOT.parent / "shared" / "tokenizers")
+TOKENIZERS = [str(TOKENIZER_DIR / family / "tokenizer.model") for family in ("llama2", "llama3")]
 
 
 def write_corpus(root: Path, size_mb: float) -> list[str]:
