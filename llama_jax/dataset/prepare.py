@@ -87,16 +87,19 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
 def _run_units(todo: list[tuple[int, sources.Unit]], workers: int, init_args: tuple,
                advance: Callable[[int], None]) -> dict[int, dict[str, Any]]:
     """Records of the units in `todo`, tokenised by `workers` processes (in this process when 1)."""
+    _init_worker(*init_args)
     if workers == 1:
-        _init_worker(*init_args)
         records = {}
         for index, unit in todo:
             records[index] = _tokenize_unit(index, unit)
             advance(unit.size)
         return records
-    # spawn: workers start clean, without the parent's threads or JAX state, on every platform alike.
-    pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                  initializer=_init_worker, initargs=init_args)
+    # fork where there is one: workers inherit the imported modules and the loaded tokenizer, where a spawned
+    # worker first spends a second or more importing (llama_jax imports jax) and loading. The parent has started
+    # no JAX backend, and the only thread it has (the progress bar's) is never needed in a worker.
+    fork = "fork" in multiprocessing.get_all_start_methods()
+    pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork" if fork else "spawn"),
+                                  initializer=None if fork else _init_worker, initargs=() if fork else init_args)
     futures = {pool.submit(_tokenize_unit, index, unit): (index, unit) for index, unit in todo}
     records = {}
     try:
