@@ -1,7 +1,7 @@
 """prepare_data.py's throughput: MB/s of text tokenised into a dataset with 1 worker and with all cores, beside
 the rate of the tokenizer alone in one process (encode over documents already in memory, no reading or writing).
 "cores busy" is CPU seconds (this process and its workers) per second: on a machine shared with other jobs, the
-cores a run actually got.
+cores a run actually got; "MB/s per core" divides by it.
 
 The corpus is generated: CPython's pydoc topics (79 documents of reference-manual English and code, 6 KB on
 average), one per line of .jsonl files of about 4 MB, repeated until --size-mb: the tokenizers see real text in
@@ -88,16 +88,17 @@ def main() -> None:
         size = sum(f.stat().st_size for f in (work / "corpus").iterdir()) / 1e6
         print(f"corpus: {size:.1f} MB of pydoc topics in {len(list((work / 'corpus').iterdir()))} files; "
               f"{os.cpu_count()} cores")
-        print(f"{'tokenizer':<12} {'run':<28} {'MB/s':>8} {'M tokens/s':>11} {'cores busy':>11}")
+        print(f"{'tokenizer':<12} {'run':<28} {'MB/s':>8} {'M tokens/s':>11} {'cores busy':>11} {'MB/s per core':>14}")
         for tok_path in args.tokenizer or TOKENIZERS:
             name = Path(tok_path).parent.name
             mb, tps, cores = tokenizer_rate(tok_path, docs)
-            print(f"{name:<12} {'encode alone, 1 process':<28} {mb:>8.2f} {tps / 1e6:>11.2f} {cores:>11.2f}",
-                  flush=True)
+            print(f"{name:<12} {'encode alone, 1 process':<28} {mb:>8.2f} {tps / 1e6:>11.2f} {cores:>11.2f} "
+                  f"{mb / cores:>14.2f}", flush=True)
             for workers in sorted({1, args.workers}):
                 mb, tps, cores = prepare_rate(tok_path, work / "corpus", work / "dataset", workers)
                 label = f"prepare_data, {workers} worker{'s' if workers > 1 else ''}"
-                print(f"{name:<12} {label:<28} {mb:>8.2f} {tps / 1e6:>11.2f} {cores:>11.2f}", flush=True)
+                print(f"{name:<12} {label:<28} {mb:>8.2f} {tps / 1e6:>11.2f} {cores:>11.2f} {mb / cores:>14.2f}",
+                      flush=True)
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
