@@ -119,7 +119,8 @@ class Packed:
     identity = fingerprint
 
     def take(self, index: np.ndarray) -> Packed:
-        return Packed(self.rows[index], self.loss_mask[index], None if self.doc_start is None else self.doc_start[index])
+        starts = None if self.doc_start is None else self.doc_start[index]
+        return Packed(self.rows[index], self.loss_mask[index], starts)
 
     def gather(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         out = {"rows": self.rows[ids], "loss_mask": self.loss_mask[ids]}

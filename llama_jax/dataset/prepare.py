@@ -21,7 +21,7 @@ import numpy as np
 
 from llama_jax.data import DataError
 from llama_jax.dataset import sources
-from llama_jax.dataset.store import DOC_DTYPE, MANIFEST, file_md5, token_dtype, write_manifest, write_shard
+from llama_jax.dataset.store import DOC_DTYPE, file_md5, token_dtype, write_manifest, write_shard
 
 _WORKER: dict[str, Any] = {}  # the tokenizer and settings of this worker process
 
@@ -144,12 +144,12 @@ def prepare_dataset(inputs: list[str], tokenizer_path: str | Path, output: str |
     seconds = time.perf_counter() - began
     info = {"md5": md5, "file": Path(tokenizer_path).name, "vocab_size": tok.vocab_size, "bos_id": tok.bos_id,
             "eos_id": tok.eos_id, "pad_id": tok.pad_id}
-    manifest = write_manifest(output, [records[i] for i in range(len(units))], info, dtype,
-                              [{"path": str(f), "bytes": f.stat().st_size} for f in files])
-    if not manifest["num_tokens"]:
-        (output / MANIFEST).unlink()
+    shards = [records[i] for i in range(len(units))]
+    if not sum(s["tokens"] for s in shards):
         raise DataError(f"{', '.join(inputs)}: no non-empty documents")
+    manifest = write_manifest(output, shards, info, dtype, [{"path": str(f), "bytes": f.stat().st_size} for f in files])
+    rate = total / 1e6 / max(seconds, 1e-9)
     log(f"{output}: {manifest['num_documents']:,} documents, {manifest['num_tokens']:,} tokens ({dtype.name}) in "
-        f"{len(units)} shards; {total / 1e6:.1f} MB tokenised in {seconds:.1f} s ({total / 1e6 / max(seconds, 1e-9):.2f} "
-        f"MB/s, {workers} worker{'s' if workers > 1 else ''})")
+        f"{len(units)} shards; {total / 1e6:.1f} MB tokenised in {seconds:.1f} s ({rate:.2f} MB/s, {workers} "
+        f"worker{'s' if workers > 1 else ''})")
     return manifest

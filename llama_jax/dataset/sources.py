@@ -112,7 +112,8 @@ def plan_units(files: list[Path], unit_bytes: int | None = None) -> list[Unit]:
             units.append(Unit(kind, (str(path),), 0, size, size))
         else:
             for start in range(0, max(size, 1), unit_bytes):
-                units.append(Unit(kind, (str(path),), start, min(start + unit_bytes, size), min(unit_bytes, size - start)))
+                stop = min(start + unit_bytes, size)
+                units.append(Unit(kind, (str(path),), start, stop, stop - start))
     flush()
     return units
 
