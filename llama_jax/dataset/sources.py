@@ -19,7 +19,7 @@ from typing import IO, Iterator
 from llama_jax.data import TEXT_SUFFIXES, DataError
 
 COMPRESSED = (".gz", ".zst")
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+JSONL_SUFFIXES = (".jsonl", ".ndjson")  # not .json: a JSON document (or a manifest) is not one record a line
 MAX_UNIT_BYTES = 64 << 20  # input bytes per unit: big enough to amortise a shard, small enough to spread
 MIN_UNIT_BYTES = 1 << 20
 
