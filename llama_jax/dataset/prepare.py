@@ -13,6 +13,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -84,6 +85,16 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[int], None]]:
         yield lambda n: bar.update(task, advance=n)
 
 
+def _can_fork() -> bool:
+    """Fork where there is one and no JAX backend runs here: workers then inherit the imported modules and the
+    loaded tokenizer, where a spawned worker first spends a second or more importing (llama_jax imports jax). A
+    running backend's threads could hold locks that a forked child would inherit held."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return False
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    return bridge is None or not getattr(bridge, "backends_are_initialized", lambda: True)()
+
+
 def _run_units(todo: list[tuple[int, sources.Unit]], workers: int, init_args: tuple,
                advance: Callable[[int], None]) -> dict[int, dict[str, Any]]:
     """Records of the units in `todo`, tokenised by `workers` processes (in this process when 1)."""
@@ -94,10 +105,7 @@ def _run_units(todo: list[tuple[int, sources.Unit]], workers: int, init_args: tu
             records[index] = _tokenize_unit(index, unit)
             advance(unit.size)
         return records
-    # fork where there is one: workers inherit the imported modules and the loaded tokenizer, where a spawned
-    # worker first spends a second or more importing (llama_jax imports jax) and loading. The parent has started
-    # no JAX backend, and the only thread it has (the progress bar's) is never needed in a worker.
-    fork = "fork" in multiprocessing.get_all_start_methods()
+    fork = _can_fork()
     pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork" if fork else "spawn"),
                                   initializer=None if fork else _init_worker, initargs=() if fork else init_args)
     futures = {pool.submit(_tokenize_unit, index, unit): (index, unit) for index, unit in todo}
