@@ -189,3 +189,29 @@ def test_truncated_shard_and_missing_inputs(tmp_path, inputs, corpus):
         sources.expand_inputs([str(tmp_path / "*.nothing")])
     with pytest.raises(DataError, match="no such file or folder"):
         sources.expand_inputs([str(tmp_path / "missing.txt")])
+
+
+def test_a_killed_prepare_data_leaves_only_whole_shards_and_resumes(tmp_path, inputs, corpus):
+    import signal
+    import time
+
+    (tmp_path / "in").mkdir()
+    lines = (inputs[0] / "a.jsonl").read_text().replace('"body"', '"text"')
+    for i in range(6):  # ~1 MB units: six shards at least
+        (tmp_path / "in" / f"{i}.jsonl").write_text(lines * max(1, int(1.2e6 // len(lines))))
+    args = [sys.executable, str(ROOT / "prepare_data.py"), "--input", str(tmp_path / "in"), "--tokenizer",
+            str(corpus[1]), "--output", str(tmp_path / "out"), "--workers", "1", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE)
+    while proc.poll() is None and not list((tmp_path / "out").glob("shard-*.json")):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (tmp_path / "out" / MANIFEST).exists()  # killed mid-run
+    for record in (tmp_path / "out").glob("shard-*.json"):  # every shard with a record is whole
+        counts = json.loads(record.read_text())
+        assert (tmp_path / "out" / f"{record.stem}.tokens").stat().st_size == 2 * counts["tokens"]
+    assert subprocess.run(args + ["--resume"], env=env, capture_output=True).returncode == 0
+    clean = _prepare([tmp_path / "in"], corpus[1], tmp_path / "clean", workers=1)
+    assert _documents(TokenDataset(tmp_path / "out")) == _documents(TokenDataset(tmp_path / "clean"))
+    assert len(clean["shards"]) >= 6
