@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train or fine-tune a LLaMA model on text files, on one CPU, one GPU, a GPU node or a TPU pod slice.
+"""Train or fine-tune a LLaMA model on text or a prepared dataset, on one CPU, one GPU, a GPU node or a TPU pod slice.
 
 Examples:
   # the no-download demo in one command: data/pydoc + data/pydoc.model under the current folder (kept for the
@@ -9,6 +9,10 @@ Examples:
   # the same demo step by step
   python -m llama_jax.train_tokenizer --pydoc-topics data/pydoc --output data/pydoc.model
   python train.py --preset demo --data data/pydoc --tokenizer data/pydoc.model --run-dir runs/demo
+
+  # a corpus of any size: tokenised once (all cores), then read from disk with document masking
+  python prepare_data.py --input corpus/ --tokenizer tokenizer.model --output data/corpus
+  python train.py --preset small-100m --data data/corpus --tokenizer tokenizer.model --run-dir runs/small
 
   # continue an interrupted run (all settings come from RUN_DIR/train_config.json)
   python train.py --run-dir runs/demo --resume
@@ -62,7 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "data/pydoc.model exists), trains --preset demo into --run-dir (default runs/demo), then "
                         "prints a greedy sample. Flags given with it override the demo's settings (a --steps "
                         "shorter than its 30 warmup steps warms up for 5%% of them); --resume continues it")
-    t.add_argument("--data", help="a text file or a folder of .txt/.md/.rst/.jsonl files")
+    t.add_argument("--data", help="a dataset folder written by prepare_data.py (read from disk), or a text file or "
+                                  "folder of .txt/.md/.rst/.jsonl files (tokenised into memory: small corpora)")
+    t.add_argument("--document-mask", action=argparse.BooleanOptionalAction,
+                   help="attention stays inside each document of a packed row, positions restart at each document "
+                        "(default: on for a prepared dataset, off for text)")
     t.add_argument("--tokenizer", help="tokenizer.model (default: the --init-from model's)")
     t.add_argument("--run-dir", help="checkpoints, metrics and config.json go here (required without --demo)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
@@ -117,7 +125,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 TRAIN_FLAGS = ("data", "tokenizer", "run_dir", "seed", "steps", "batch_size", "grad_accum", "seq_len", "lr",
                "min_lr_ratio", "warmup_steps", "weight_decay", "b1", "b2", "clip_norm", "eval_every",
                "eval_batches", "eval_fraction", "log_every", "save_every", "keep", "async_checkpoint",
-               "peak_flops", "mesh_data", "mesh_fsdp", "mesh_tensor")
+               "peak_flops", "mesh_data", "mesh_fsdp", "mesh_tensor", "document_mask")
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL
 MODEL_FLAGS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
 

@@ -81,8 +81,9 @@ class Attention(nn.Module):
     ops: Ops
 
     @nn.compact
-    def __call__(self, x, positions, layer, cache: KVCache | None):
-        """positions None: every row is 0..seq-1, unpadded, and there is no cache (training)."""
+    def __call__(self, x, positions, layer, cache: KVCache | None, segment_ids=None):
+        """positions None: every row is 0..seq-1, unpadded, and there is no cache (training). segment_ids: packed
+        documents (training): attention stays inside each, and `positions` restart where one starts."""
         cfg, ops = self.config, self.ops
         wq = _param(self, "wq", (cfg.dim, cfg.n_heads, cfg.head_dim), ("embed", "q_heads", "head_dim"), cfg)
         wk = _param(self, "wk", (cfg.dim, cfg.kv_heads, cfg.head_dim), ("embed", "kv_heads", "head_dim"), cfg)
@@ -96,7 +97,7 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(q, ("batch", "length", "q_heads", "head_dim"))
 
         if cache is None:
-            out = ops.attention(q, k, v, q_positions=positions, kv_positions=positions)
+            out = ops.attention(q, k, v, q_positions=positions, kv_positions=positions, segment_ids=segment_ids)
         else:
             cache = cache.write(layer, k, v)
             out = ops.attention(q, cache.k, cache.v, q_positions=positions, kv_positions=cache.positions,
@@ -126,10 +127,10 @@ class Block(nn.Module):
     ops: Ops
 
     @nn.compact
-    def __call__(self, carry, layer, positions):
+    def __call__(self, carry, layer, positions, segment_ids=None):
         x, cache = carry
         h, cache = Attention(self.config, self.ops, name="attention")(
-            RMSNorm(self.config, name="attention_norm")(x), positions, layer, cache)
+            RMSNorm(self.config, name="attention_norm")(x), positions, layer, cache, segment_ids)
         x = x + h
         x = x + FeedForward(self.config, self.ops, name="feed_forward")(RMSNorm(self.config, name="ffn_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -141,7 +142,8 @@ class Llama(nn.Module):
     ops: Ops = Ops()
 
     @nn.compact
-    def __call__(self, tokens, positions=None, cache: KVCache | None = None, last_only: bool = False):
+    def __call__(self, tokens, positions=None, cache: KVCache | None = None, last_only: bool = False,
+                 segment_ids=None):
         cfg, ops = self.config, self.ops
         embedding = _param(self, "tok_embeddings", (cfg.vocab_size, cfg.dim), ("vocab", "embed"), cfg)
         x = jnp.take(embedding, tokens, axis=0).astype(cfg.compute_dtype)
@@ -154,12 +156,12 @@ class Llama(nn.Module):
             block = nn.remat(Block, policy=ops.remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers)
         if cfg.scan_layers:
             layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                             in_axes=(0, nn.broadcast), length=cfg.n_layers,
+                             in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layers,
                              metadata_params={nn.PARTITION_NAME: "layers"})(cfg, ops, name="layers")
-            (x, cache), _ = layers((x, cache), jnp.arange(cfg.n_layers), positions)
+            (x, cache), _ = layers((x, cache), jnp.arange(cfg.n_layers), positions, segment_ids)
         else:
             for i in range(cfg.n_layers):
-                (x, cache), _ = block(cfg, ops, name=f"layers_{i}")((x, cache), i, positions)
+                (x, cache), _ = block(cfg, ops, name=f"layers_{i}")((x, cache), i, positions, segment_ids)
 
         if last_only:  # generation needs the last position's logits only: no [batch, seq, vocab] product
             x = x[:, -1:]
@@ -205,19 +207,24 @@ def unstack_layers(params: Params, n_layers: int) -> Params:
 
 
 def forward(params: Params, tokens: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None,
-            *, config: LlamaConfig, ops: Ops | None = None, last_only: bool = False):
+            *, config: LlamaConfig, ops: Ops | None = None, last_only: bool = False,
+            segment_ids: jax.Array | None = None):
     """Logits [batch, seq, vocab] in fp32 (seq 1 with last_only) and the updated cache (None without a cache).
 
     tokens, positions: int [batch, seq]; a position of -1 marks a padding token that nothing attends to.
     positions=None (no cache) means 0..seq-1 in every row, unpadded: training's case, where attention needs no
     mask array and a fused kernel may run it. ops: the kernels (default: `select_ops(config)` for this backend).
+    segment_ids int [batch, seq] (training, no cache): packed documents; a token attends only to earlier tokens of
+    its own segment, and `positions` (required with them) restart at 0 where a document starts.
     """
     if positions is None and cache is not None:
         raise ValueError("forward: positions are required with a cache (they say where the tokens go)")
+    if segment_ids is not None and (positions is None or cache is not None):
+        raise ValueError("forward: segment_ids need positions and no cache (packed training rows)")
     if not config.scan_layers and "layers" in params:
         params = unstack_layers(params, config.n_layers)
     ops = ops or select_ops(config)
     # fp32 compute means Meta's fp32 arithmetic. On NVIDIA GPUs XLA otherwise rounds fp32 matmul inputs to TF32.
     fp32 = config.compute_dtype == jnp.float32
     with jax.default_matmul_precision("highest") if fp32 else contextlib.nullcontext():
-        return Llama(config, ops).apply({"params": params}, tokens, positions, cache, last_only)
+        return Llama(config, ops).apply({"params": params}, tokens, positions, cache, last_only, segment_ids)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from hf_reference import hf_logits, random_meta_state
+from llama_jax import data
 from llama_jax import sharding as sh
 from llama_jax.config import LlamaConfig
 from subprocess_env import free_port, last_json, run_processes, run_python
@@ -70,7 +71,8 @@ from llama_jax.meta_weights import params_from_meta
 cfg = LlamaConfig(**json.loads(sys.argv[1]))
 z = np.load(sys.argv[2])
 params = params_from_meta({k: z[k] for k in z.files if not k.startswith("batch_")}, cfg)
-batch = [z["batch_inputs"], z["batch_targets"], z["batch_mask"]]
+names = ("inputs", "targets", "mask", "segment_ids", "positions")  # the last two: document masking
+batch = [z["batch_" + n] for n in names if "batch_" + n in z.files]
 tc = T.TrainConfig(run_dir="-", data="-", steps=10, warmup_steps=0, lr=1e-3)
 opt = T.make_optimizer(tc)
 out = {}
@@ -79,7 +81,7 @@ for shape in json.loads(sys.argv[3]):
     shs = T.state_shardings(cfg, opt, mesh)
     bsh = sh.batch_sharding(mesh)
     fn = T.train_step_fn(cfg, opt, T.lr_schedule(tc), shs["params"])
-    step = jax.jit(fn, in_shardings=(shs, bsh, bsh, bsh), out_shardings=(shs, sh.replicated(mesh)),
+    step = jax.jit(fn, in_shardings=(shs, *[bsh] * len(batch)), out_shardings=(shs, sh.replicated(mesh)),
                    donate_argnums=0)
     with sh.activate(mesh):
         state = T.init_state(cfg, opt, shs, 0, jax.device_put(params, shs["params"]))
@@ -102,28 +104,42 @@ print(json.dumps(out))
 """
 
 
-def _reference_loss(state, config, inputs, targets, mask) -> float:
-    """Cross-entropy of the batch from Hugging Face's model: torch log-softmax, masked mean."""
-    logits = torch.as_tensor(hf_logits(state, config, inputs))
+def _reference_loss(state, config, inputs, targets, mask, segment_ids=None) -> float:
+    """Cross-entropy of the batch from Hugging Face's model: torch log-softmax, masked mean. With segment_ids,
+    each segment's logits are HF's for that segment alone."""
+    if segment_ids is None:
+        logits = torch.as_tensor(hf_logits(state, config, inputs))
+    else:
+        logits = torch.as_tensor(np.stack([np.concatenate([hf_logits(state, config, row[seg == s][None])[0]
+                                                           for s in np.unique(seg)])
+                                           for row, seg in zip(inputs, segment_ids)]))
     logp = torch.log_softmax(logits.double(), dim=-1)
     nll = -logp.gather(-1, torch.as_tensor(targets, dtype=torch.long)[..., None])[..., 0].numpy()
     return float((nll * mask).sum() / mask.sum())
 
 
 @pytest.mark.slow
-def test_one_step_is_the_same_on_every_mesh(tmp_path):
+@pytest.mark.parametrize("document_mask", [False, True])
+def test_one_step_is_the_same_on_every_mesh(tmp_path, document_mask):
     config = LlamaConfig(**SMALL)
     state = random_meta_state(config, seed=1)
     rng = np.random.default_rng(0)
     rows = rng.integers(0, config.vocab_size, (8, 17))
     inputs, targets = rows[:, :-1], rows[:, 1:]
     mask = rng.random(targets.shape) < 0.8  # padding and document starts are masked out of the mean
-    np.savez(tmp_path / "case.npz", **{k: v.numpy() for k, v in state.items()},
-             batch_inputs=inputs[None].astype(np.int32), batch_targets=targets[None].astype(np.int32),
-             batch_mask=mask[None])
+    fields = dict(batch_inputs=inputs[None].astype(np.int32), batch_targets=targets[None].astype(np.int32),
+                  batch_mask=mask[None])
+    segment_ids = None
+    if document_mask:  # 2-4 documents per row
+        starts = rng.random(rows.shape) < 0.2
+        starts[:, 0] = True
+        segment_ids, positions = data.segments(starts)
+        mask &= ~starts[:, 1:]  # a document's first token is not a target
+        fields.update(batch_mask=mask[None], batch_segment_ids=segment_ids[None], batch_positions=positions[None])
+    np.savez(tmp_path / "case.npz", **{k: v.numpy() for k, v in state.items()}, **fields)
     out = last_json(run_python(MESH_SCRIPT, json.dumps(SMALL), str(tmp_path / "case.npz"), json.dumps(MESHES)))
 
-    reference = _reference_loss(state, config, inputs, targets, mask)
+    reference = _reference_loss(state, config, inputs, targets, mask, segment_ids)
     single = out[str((1, 1, 1))]
     assert single["loss1"] == pytest.approx(reference, rel=1e-5)
     for shape in MESHES[1:]:

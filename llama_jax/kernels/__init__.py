@@ -46,7 +46,7 @@ class Ops:
         return dense(x, w, n_in, self.dense_kernel)
 
     def attention(self, q, k, v, *, q_positions=None, kv_positions=None, kv_len=None, heads_first: bool = False,
-                  layer=None):
+                  layer=None, segment_ids=None):
         """Grouped-query attention; returns [batch, q_len, heads, head_dim].
 
         q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim], or with heads_first
@@ -55,8 +55,11 @@ class Ops:
         is never seen. Both None: every row is 0..q_len-1, unpadded, the plain causal case. kv_len: how many
         leading slots of k/v can hold keys; the rest need not be read. k and v may be stored in another dtype
         than q's (the cache's); they are computed with in q's. layer: k and v are a KVCache's per-layer tuples or
-        stacked [layers, ...] arrays, of which this layer is read.
+        stacked [layers, ...] arrays, of which this layer is read. segment_ids [batch, q_len] (self-attention of
+        packed training rows): a query sees the keys of its own segment up to itself; positions then only rotate.
         """
+        if segment_ids is not None:
+            return attn.document_causal(q, k, v, segment_ids, self.attention_kernel)
         if q_positions is None:
             return attn.plain_causal(q, k, v, self.attention_kernel)
         if isinstance(k, tuple):

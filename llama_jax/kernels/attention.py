@@ -47,21 +47,39 @@ CAUSAL_BLOCK = 64
 MAX_CAUSAL_BLOCKS = 8
 
 
-def blocked_causal(q, k, v):
+def blocked_causal(q, k, v, segment_ids=None):
     """The plain causal mask in blocks of query rows: block i reads only keys 0..(i+1)·size-1, skipping the masked
-    upper triangle, whose probabilities are exact zeros after the softmax, so every row's result is the same."""
+    upper triangle, whose probabilities are exact zeros after the softmax, so every row's result is the same.
+    segment_ids [batch, t]: also keeps each query inside its own segment (packed documents)."""
     t = q.shape[1]
+
+    def mask(first, rows, keys):
+        # Query first + r sees keys 0..first + r: the same for every row, broadcast rather than materialised.
+        causal = (jnp.arange(keys)[None, :] <= first + jnp.arange(rows)[:, None])[None]
+        if segment_ids is None:
+            return causal
+        return causal & (segment_ids[:, first:first + rows, None] == segment_ids[:, None, :keys])
+
     blocks = min(MAX_CAUSAL_BLOCKS, t // CAUSAL_BLOCK)
     if blocks < 2 or t % blocks:
-        return einsum_attention(q, k, v, jnp.tril(jnp.ones((t, t), bool))[None], heads_first=False)
+        return einsum_attention(q, k, v, mask(0, t, t), heads_first=False)
     size = t // blocks
     outs = []
     for i in range(blocks):
         keys = (i + 1) * size
-        # Query i·size + r sees keys 0..i·size + r: the same for every row, broadcast rather than materialised.
-        mask = (jnp.arange(keys)[None, :] <= i * size + jnp.arange(size)[:, None])[None]
-        outs.append(einsum_attention(q[:, i * size:keys], k[:, :keys], v[:, :keys], mask, heads_first=False))
+        outs.append(einsum_attention(q[:, i * size:keys], k[:, :keys], v[:, :keys], mask(i * size, size, keys),
+                                     heads_first=False))
     return jnp.concatenate(outs, axis=1)
+
+
+def document_causal(q, k, v, segment_ids, kernel: str):
+    """Causal attention inside each segment of packed rows. jax.nn's cuDNN path has no segment ids (only per-row
+    lengths), so on a GPU both fused choices run jax.nn's XLA lowering with the segment mask; elsewhere the
+    blocked einsum path."""
+    if kernel in ("xla", "cudnn"):
+        same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+        return jax.nn.dot_product_attention(q, k, v, mask=same, is_causal=True, implementation="xla")
+    return blocked_causal(q, k, v, segment_ids)
 
 
 def einsum_attention(q, k, v, mask, heads_first: bool):

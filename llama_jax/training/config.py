@@ -89,6 +89,7 @@ class TrainConfig:
     mesh_tensor: int = 1
     async_checkpoint: bool = True
     peak_flops: float | None = None  # FLOP/s of all devices together; default from the device kind
+    document_mask: bool | None = None  # attention inside each document; default: on for a prepared dataset
 
     def validate(self) -> None:
         self.model.validate()
@@ -102,6 +103,14 @@ class TrainConfig:
             raise TrainError(f"--warmup-steps={self.warmup_steps}: expected 0 <= warmup < --steps={self.steps}")
         if self.clip_norm <= 0:
             raise TrainError(f"--clip-norm={self.clip_norm}: must be > 0")
+
+    @property
+    def uses_document_mask(self) -> bool:
+        if self.document_mask is not None:
+            return self.document_mask
+        from llama_jax.dataset.store import is_prepared
+
+        return is_prepared(self.data)
 
     @property
     def mesh_shape(self) -> sh.MeshShape:

@@ -117,15 +117,18 @@ class Run:
         shardings = state_shardings(config, optimizer, self.mesh)
         self.batch_sharding = sh.batch_sharding(self.mesh)
         self.manager = checkpoint_manager(self.run_dir, tc)
-        self.iterator = data_lib.BatchIterator(self.train_rows, tc.batch_size, tc.grad_accum, seed=tc.seed)
+        self.document_mask = tc.uses_document_mask
+        self.iterator = data_lib.BatchIterator(self.train_rows, tc.batch_size, tc.grad_accum, seed=tc.seed,
+                                               document_mask=self.document_mask)
         bsh, rep = self.batch_sharding, sh.replicated(self.mesh)
+        fields = (bsh,) * (len(data_lib.FIELDS) + (len(data_lib.SEGMENT_FIELDS) if self.document_mask else 0))
         with sh.activate(self.mesh):
             self.state = self._initial_state(setup, optimizer, shardings)
             ops = select_ops(config)  # the kernels, chosen once for both steps
             self.train_step = jax.jit(train_step_fn(config, optimizer, lr_schedule(tc), shardings["params"], ops),
-                                      in_shardings=(shardings, bsh, bsh, bsh), out_shardings=(shardings, rep),
+                                      in_shardings=(shardings, *fields), out_shardings=(shardings, rep),
                                       donate_argnums=0)
-            self.eval_step = jax.jit(eval_step_fn(config, ops), in_shardings=(shardings["params"], bsh, bsh, bsh),
+            self.eval_step = jax.jit(eval_step_fn(config, ops), in_shardings=(shardings["params"], *fields),
                                      out_shardings=rep)
 
         self.step = int(jax.device_get(self.state["step"]))
@@ -139,7 +142,8 @@ class Run:
                  f"fsdp={setup.mesh_shape.fsdp} tensor={setup.mesh_shape.tensor} | batch {tc.batch_size} x "
                  f"{tc.seq_len} tokens (accum {tc.grad_accum}) | {len(self.train_rows)} train / "
                  f"{len(self.eval_rows) if self.eval_rows is not None else 0} held-out sequences | "
-                 f"MFU peak: {peak_note}")
+                 f"MFU peak: {peak_note}"
+                 f"{' | document masking' if self.document_mask else ''}")
 
         self.micro_batch = setup.micro_batch
         self.losses: dict[int, float] = {}
@@ -163,10 +167,18 @@ class Run:
         return init_state(config, optimizer, shardings, tc.seed, params)
 
     def _batch(self, batch: data_lib.Batch) -> tuple[jax.Array, ...]:
-        """The sharded [accum, micro, seq] arrays; each process gathers only the rows its devices hold."""
-        return tuple(jax.make_array_from_callback(batch.shape, self.batch_sharding,
-                                                  lambda idx, n=n: batch.fields(idx)[n])
-                     for n in ("inputs", "targets", "loss_mask"))
+        """The sharded [accum, micro, seq] arrays; each process gathers only the rows its devices hold, once per
+        device slice for all fields."""
+        parts: dict[str, dict[str, Any]] = {}
+
+        def field(idx, name):
+            key = repr(idx)  # slices are unhashable before Python 3.12
+            if key not in parts:
+                parts[key] = batch.fields(idx)
+            return parts[key][name]
+
+        return tuple(jax.make_array_from_callback(batch.shape, self.batch_sharding, lambda idx, n=n: field(idx, n))
+                     for n in batch.names)
 
     def advance(self) -> int:
         """Dispatches the next step, then logs the previous one, whose metrics are ready by now."""
@@ -202,7 +214,8 @@ class Run:
             return
         total, count = 0.0, 0.0
         with sh.activate(self.mesh):
-            for batch in data_lib.eval_batches(self.eval_rows, self.micro_batch, self.tc.eval_batches):
+            for batch in data_lib.eval_batches(self.eval_rows, self.micro_batch, self.tc.eval_batches,
+                                               self.document_mask):
                 s, n = jax.device_get(self.eval_step(self.state["params"], *self._batch(batch)))
                 total, count = total + float(s), count + float(n)
         loss = total / max(count, 1.0)

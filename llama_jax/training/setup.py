@@ -13,6 +13,7 @@ from llama_jax import checkpoint as ckpt
 from llama_jax import data as data_lib
 from llama_jax import sharding as sh
 from llama_jax.config import LlamaConfig
+from llama_jax.dataset.store import TokenDataset, TokenRows, file_md5, is_prepared
 from llama_jax.training.config import SHAPE_FIELDS, TRAIN_CONFIG_FILE, TrainConfig, TrainError, resolve_model_config
 from llama_jax.training.state import checkpoint_steps
 
@@ -62,13 +63,19 @@ def prepare(tc: TrainConfig, resume: bool = False) -> Setup:
         if size % n:
             raise TrainError(f"model {name}={size} is not divisible by --mesh-{axis}={n}")
     micro = sh.check_batch(tc.batch_size, tc.grad_accum, shape)
+    if is_prepared(tc.data):  # its manifest, tokenizer and shard sizes are checked now, before anything compiles
+        TokenRows(TokenDataset(tc.data, tokenizer_md5=file_md5(tokenizer_path)), tc.seq_len)
     return Setup(tc, config, shape, micro, tokenizer_path, steps_done[-1] if resume and steps_done else None)
 
 
-def load_data(tc: TrainConfig, tokenizer_path: str | Path) -> tuple[data_lib.Packed, data_lib.Packed | None]:
-    """(training rows, held-out rows) exactly as a run with these settings sees them."""
+def load_data(tc: TrainConfig, tokenizer_path: str | Path) -> tuple[data_lib.Rows, data_lib.Rows | None]:
+    """(training rows, held-out rows) exactly as a run with these settings sees them: a prepared dataset read
+    through memory maps, or text tokenised into memory."""
     from llama_jax.tokenizer import load_tokenizer
 
+    if is_prepared(tc.data):
+        rows = TokenRows(TokenDataset(tc.data, tokenizer_md5=file_md5(tokenizer_path)), tc.seq_len)
+        return data_lib.split(rows, tc.eval_fraction, seed=tc.seed)
     tok = load_tokenizer(tokenizer_path)
     docs = data_lib.read_documents(tc.data)
     ids = data_lib.tokenize(docs, lambda text: tok.encode(text, bos=True, eos=True))

@@ -30,27 +30,33 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
                     mask=_decay_mask))
 
 
-def loss_sums(params, inputs, targets, loss_mask, *, config: LlamaConfig, ops: Ops | None = None):
-    """(sum of masked token cross-entropies, number of counted tokens), both fp32."""
-    logits, _ = forward(params, inputs, config=config, ops=ops)  # packed, unpadded rows: positions 0..seq-1
+def loss_sums(params, inputs, targets, loss_mask, segment_ids=None, positions=None, *, config: LlamaConfig,
+              ops: Ops | None = None):
+    """(sum of masked token cross-entropies, number of counted tokens), both fp32.
+
+    Without segment_ids every row is positions 0..seq-1 attending to all of itself; with them (document masking)
+    a token attends only within its document, at the given positions."""
+    logits, _ = forward(params, inputs, positions, config=config, ops=ops, segment_ids=segment_ids)
     logz = jax.nn.logsumexp(logits, axis=-1)
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     mask = loss_mask.astype(jnp.float32)
     return jnp.sum((logz - target_logits) * mask), jnp.sum(mask)
 
 
-def accumulate_gradients(params, inputs, targets, loss_mask, *, config: LlamaConfig, param_shardings=None,
-                         ops: Ops | None = None):
-    """(mean gradient, mean loss, token count) of a [grad_accum, micro, seq] batch.
+def accumulate_gradients(params, inputs, targets, loss_mask, segment_ids=None, positions=None, *,
+                         config: LlamaConfig, param_shardings=None, ops: Ops | None = None):
+    """(mean gradient, mean loss, token count) of a [grad_accum, micro, seq] batch (segment_ids and positions:
+    document masking, as `loss_sums`).
 
     Gradients of token *sums* are accumulated over micro-batches and divided by the token count of the whole
     batch once, so accumulation over 4 micro-batches of B is the same mean as one batch of 4B.
     """
+    batch = tuple(x for x in (inputs, targets, loss_mask, segment_ids, positions) if x is not None)
     if inputs.shape[0] == 1:
         # No accumulation: differentiate the mean directly. Saves the zero-filled accumulator and the division
         # of every gradient, each a full pass over parameter-sized memory.
         def mean_loss(p):
-            total, count = loss_sums(p, inputs[0], targets[0], loss_mask[0], config=config, ops=ops)
+            total, count = loss_sums(p, *(x[0] for x in batch), config=config, ops=ops)
             return total / jnp.maximum(count, 1.0), count
 
         (loss, count), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
@@ -67,19 +73,20 @@ def accumulate_gradients(params, inputs, targets, loss_mask, *, config: LlamaCon
     if param_shardings is not None:  # keep the accumulator as sharded as the parameters (FSDP memory)
         zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (grads, loss_sum, count), _ = jax.lax.scan(micro, init, (inputs, targets, loss_mask))
+    (grads, loss_sum, count), _ = jax.lax.scan(micro, init, batch)
     denom = jnp.maximum(count, 1.0)
     return jax.tree.map(lambda g: g / denom, grads), loss_sum / denom, count
 
 
 def train_step_fn(config: LlamaConfig, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
                   param_shardings: Any, ops: Ops | None = None) -> Callable:
-    """(state, inputs, targets, loss_mask) -> (state, metrics); batch arrays are [grad_accum, micro, seq].
+    """(state, inputs, targets, loss_mask[, segment_ids, positions]) -> (state, metrics); batch arrays are
+    [grad_accum, micro, seq]; the last two come with document masking.
     ops: the kernels (default: select_ops(config) for this backend, chosen when the step is traced)."""
 
-    def step(state, inputs, targets, loss_mask):
+    def step(state, *batch):
         params = state["params"]
-        grads, loss, count = accumulate_gradients(params, inputs, targets, loss_mask, config=config,
+        grads, loss, count = accumulate_gradients(params, *batch, config=config,
                                                   param_shardings=param_shardings, ops=ops)
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
         rng, _dropout_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))  # model has no dropout yet
@@ -102,9 +109,10 @@ _tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global
 
 
 def eval_step_fn(config: LlamaConfig, ops: Ops | None = None) -> Callable:
-    """(params, inputs, targets, loss_mask) -> loss_sums of one [1, micro, seq] held-out batch."""
+    """(params, inputs, targets, loss_mask[, segment_ids, positions]) -> loss_sums of one [1, micro, seq]
+    held-out batch."""
 
-    def step(params, inputs, targets, loss_mask):
-        return loss_sums(params, inputs[0], targets[0], loss_mask[0], config=config, ops=ops)
+    def step(params, *batch):
+        return loss_sums(params, *(x[0] for x in batch), config=config, ops=ops)
 
     return step
