@@ -43,13 +43,15 @@ class Ops:
         [batch, kv_heads, kv_len, head_dim] (the cache's layout). q_positions [batch, q_len] and kv_positions
         [batch, kv_len]: a query sees the keys at positions 0..its own, and position -1 (padding, an empty slot)
         is never seen. Both None: every row is 0..q_len-1, unpadded, the plain causal case. kv_len: how many
-        leading slots of k/v can hold keys; the rest need not be read.
+        leading slots of k/v can hold keys; the rest need not be read (a scalar, or per row [batch] when each row
+        has its own cache length).
         """
         if q_positions is None:
             return attn.plain_causal(q, k, v, self.attention_kernel)
         mask = attn.position_mask(q_positions, kv_positions)
         if self.cache_kernel == "cpu_windows" and heads_first and kv_len is not None and q.shape[1] == 1:
-            return attn.cpu_decode_windows(q, k, v, mask, kv_len)
+            # One window serves the whole batch: the longest row's.
+            return attn.cpu_decode_windows(q, k, v, mask, jnp.max(kv_len))
         return attn.masked(q, k, v, mask, self.attention_kernel, heads_first)
 
     def remat_policy(self, name: str):
