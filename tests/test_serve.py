@@ -104,12 +104,21 @@ def test_greedy_completion_equals_generate_cli(client, model_dir, capsys):
     assert cli.main(["--checkpoint", str(model_dir), "--prompt", "The capital of France is", "--temperature", "0",
                      "--max-new-tokens", "8"]) == 0
     expected = capsys.readouterr().out.removesuffix("\n")
+    expected_first = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=1,
+                                               temperature=0).choices[0].text
     out = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=8, temperature=0)
     assert out.choices[0].text == expected and out.choices[0].finish_reason == "length"
     assert out.usage.completion_tokens == 8 and out.usage.prompt_tokens == 6
     streamed = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=8,
                                          temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in streamed) == expected
+    # --top-logprobs: "what would the model say next?", the same candidates the server reports.
+    assert cli.main(["--checkpoint", str(model_dir), "--prompt", "The capital of France is", "--temperature", "0",
+                     "--max-new-tokens", "1", "--top-logprobs", "2"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    top = client.completions.create(model="tiny", prompt="The capital of France is", max_tokens=1, temperature=0,
+                                    logprobs=2).choices[0].logprobs.top_logprobs[0]
+    assert line == "1: " + f"{expected_first!r} <- " + "  ".join(f"{t!r} {np.exp(lp):.4f}" for t, lp in top.items())
 
 
 def test_chat_streamed_and_not(client, tok):
