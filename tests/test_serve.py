@@ -287,3 +287,20 @@ def test_sigterm_finishes_running_requests_then_exits_0(server):
         rest = [line for line in lines if line]
     assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in "".join(rest)
     assert proc.wait(timeout=30) == 0
+
+
+def test_cache_that_does_not_fit_the_device_is_one_line_error():
+    from llama_jax.inference.batching import EngineError, cache_bytes, check_memory
+
+    class Device:  # what an accelerator's memory_stats() reports (a CPU reports None: nothing is checked)
+        def __init__(self, free):
+            self.free = free
+
+        def memory_stats(self):
+            return None if self.free is None else {"bytes_limit": self.free + 100, "bytes_in_use": 100}
+
+    need = cache_bytes(CONFIG, 8, 256)
+    check_memory(CONFIG, 8, 256, Device(None))
+    check_memory(CONFIG, 8, 256, Device(need))
+    with pytest.raises(EngineError, match=r"^the KV cache for 8 slots x 256 tokens needs .* GiB free: lower"):
+        check_memory(CONFIG, 8, 256, Device(need - 1))

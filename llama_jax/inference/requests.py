@@ -13,12 +13,10 @@ from llama_jax.chat import IncrementalDecoder
 from llama_jax.sampling import MAX_TOP_LOGPROBS, SamplingParams
 
 
-class RequestError(ValueError):
-    """A request the engine cannot serve (prompt too long, a setting out of range); the message says which."""
-
-
 @dataclasses.dataclass(frozen=True)
 class RequestParams:
+    """What one request asks for: the settings of the OpenAI API that reach the engine."""
+
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
@@ -36,6 +34,10 @@ class RequestParams:
             raise RequestError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise RequestError("stop strings must be non-empty strings")
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve (prompt too long, a setting out of range); the message says which."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -151,21 +151,8 @@ class Server:
             return text, lp
 
         if body.stream:
-            async def events():
-                async for i, u in choices.updates():
-                    if u.error:
-                        yield sse(ApiError(500, u.error, type="server_error").body())
-                        break
-                    text, lp = piece(i, u)
-                    yield sse(fmt.envelope("text_completion", self.model_name, rid,
-                                           [fmt.completion_choice(i, text, lp, u.finish_reason)]))
-                    last[i] = u
-                if body.include_usage:
-                    yield sse(fmt.envelope("text_completion", self.model_name, rid, [], self._usage(ids, last)))
-                yield "data: [DONE]\n\n"
-
-            last: dict[int, Update] = {}
-            return StreamingResponse(events(), media_type="text/event-stream")
+            return self._stream(choices, ids, "text_completion", rid, body.include_usage,
+                                lambda i, u: fmt.completion_choice(i, *piece(i, u), u.finish_reason))
 
         parts, last = await self._collect(choices, piece)
         out = [fmt.completion_choice(i, "".join(t for t, _ in parts[i]),
@@ -191,23 +178,14 @@ class Server:
             return u.text, fmt.chat_logprobs(self.tokenizer, u.logprobs) if top is not None else None
 
         if body.stream:
-            async def events():
-                started = set()
-                async for i, u in choices.updates():
-                    if u.error:
-                        yield sse(ApiError(500, u.error, type="server_error").body())
-                        break
-                    text, lp = piece(i, u)
-                    choice = fmt.chat_choice(i, text, lp, u.finish_reason, delta=True, first=i not in started)
-                    started.add(i)
-                    yield sse(fmt.envelope("chat.completion.chunk", self.model_name, rid, [choice]))
-                    last[i] = u
-                if body.include_usage:
-                    yield sse(fmt.envelope("chat.completion.chunk", self.model_name, rid, [], self._usage(ids, last)))
-                yield "data: [DONE]\n\n"
+            started: set[int] = set()
 
-            last: dict[int, Update] = {}
-            return StreamingResponse(events(), media_type="text/event-stream")
+            def chunk(i: int, u: Update) -> dict:
+                first = i not in started
+                started.add(i)
+                return fmt.chat_choice(i, *piece(i, u), u.finish_reason, delta=True, first=first)
+
+            return self._stream(choices, ids, "chat.completion.chunk", rid, body.include_usage, chunk)
 
         parts, last = await self._collect(choices, piece)
         out = []
@@ -218,6 +196,22 @@ class Server:
         return fmt.envelope("chat.completion", self.model_name, rid, out, self._usage(ids, last))
 
     # -- shared
+
+    def _stream(self, choices: Choices, ids, kind: str, rid: str, include_usage: bool, choice) -> StreamingResponse:
+        """Server-sent events: one chunk per update (`choice` makes its choice object), usage if asked, [DONE]."""
+        async def events():
+            last: dict[int, Update] = {}
+            async for i, u in choices.updates():
+                if u.error:
+                    yield sse(ApiError(500, u.error, type="server_error").body())
+                    break
+                yield sse(fmt.envelope(kind, self.model_name, rid, [choice(i, u)]))
+                last[i] = u
+            if include_usage:
+                yield sse(fmt.envelope(kind, self.model_name, rid, [], self._usage(ids, last)))
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @staticmethod
     async def _collect(choices: Choices, piece):
