@@ -31,6 +31,8 @@ from llama_jax.inference.requests import Request, RequestError, TokenLogprob
 log = logging.getLogger(__name__)
 
 MIN_CHUNK = 16  # the smallest prefill bucket: shorter prompts are padded to it
+# Decode steps per call while no prompt is waiting: a round trip to the host every few tokens, not every token.
+MULTI_STEPS = 4
 
 
 class QueueFull(RuntimeError):
@@ -131,10 +133,11 @@ class BatchingEngine:
         self.slots = [None] * self.max_slots
 
     def warmup(self) -> None:
-        """Compiles the decode step and every prefill bucket now, so that no request waits for a compiler."""
+        """Compiles the decode steps and every prefill bucket now, so that no request waits for a compiler."""
         for size in self.buckets:
             self._prefill_fn(size, False)
-        self._decode_fn()
+        for steps in sorted({1, MULTI_STEPS}):
+            self._decode_fn(steps)
 
     # -- the loop (engine thread)
 
@@ -224,20 +227,33 @@ class BatchingEngine:
             r = self.slots[i]
             tokens[i], positions[i] = r.generated[-1], len(r.prompt) + len(r.generated) - 1
         requests = [self.slots[i] if i in rows else None for i in range(self.max_slots)]
+        steps = MULTI_STEPS if self._can_run_ahead(rows) else 1
         # A copy: the CPU client may read a NumPy argument in place after this call returns, and the index changes.
-        self.cache, sampled = self._decode_fn()(self.gen.params, self.cache, tokens, positions, self.index.copy(),
-                                                self._sampling(requests))
-        self.index[rows] += 1
-        self._accept([(i, i) for i in rows], sampled)
+        self.cache, sampled = self._decode_fn(steps)(self.gen.params, self.cache, tokens, positions,
+                                                     self.index.copy(), self._sampling(requests))
+        self.index[rows] += steps
+        sampled = jax.device_get(sampled)
+        for t in range(steps):
+            self._accept([(i, i) for i in rows if self.slots[i] is not None], dev.Sampled(*(a[t] for a in sampled)),
+                         flush=t == steps - 1)
 
-    def _accept(self, rows: list[tuple[int, int]], sampled: dev.Sampled) -> None:
-        """Hands each (slot, row of `sampled`) its token."""
+    def _can_run_ahead(self, rows: list[int]) -> bool:
+        """Several steps in one call when no prompt waits for a slot or a prefill, and no row ends before."""
+        if len(rows) != sum(r is not None for r in self.slots) or (self.waiting and len(rows) < self.max_slots):
+            return False
+        return all(self._limit(self.slots[i]) - len(self.slots[i].generated) >= MULTI_STEPS for i in rows)
+
+    def _limit(self, r: Request) -> int:
+        return min(r.params.max_tokens, self.config.max_seq_len - len(r.prompt))
+
+    def _accept(self, rows: list[tuple[int, int]], sampled: dev.Sampled, flush: bool = True) -> None:
+        """Hands each (slot, row of `sampled`) its token; sends the updates when `flush` (or the request ended)."""
         ids, logprobs, top, top_ids = jax.device_get(sampled)
         for i, j in rows:
             r = self.slots[i]
-            limit = min(r.params.max_tokens, self.config.max_seq_len - len(r.prompt))
-            r.add_token(self._logprob(r, int(ids[j]), logprobs[j], top[j], top_ids[j]), limit)
-            r.flush()
+            r.add_token(self._logprob(r, int(ids[j]), logprobs[j], top[j], top_ids[j]), self._limit(r))
+            if flush or r.finished:
+                r.flush()
             if r.finished:
                 self.slots[i] = None
                 self.counters["finished"] += 1
@@ -267,10 +283,10 @@ class BatchingEngine:
                 np.bool_(True), self._sampling([None]))
         return self._compiled(("prefill", size, all_logits), dev.prefill_chunk, args, dict(all_logits=all_logits))
 
-    def _decode_fn(self):
+    def _decode_fn(self, steps: int):
         zeros = np.zeros(self.max_slots, np.int32)
         args = (self.gen.params, self.cache, zeros, zeros, zeros, self._sampling([None] * self.max_slots))
-        return self._compiled(("decode",), dev.decode_step, args, {})
+        return self._compiled(("decode", steps), dev.decode_steps, args, dict(steps=steps))
 
     def _compiled(self, key, fn, args, static):
         """The executable for `key`, compiled on first use with the Generator's compiler options."""

@@ -1,13 +1,13 @@
 """The compiled side of continuous batching: a cache of S slots, each an independent sequence at its own length
 (the cache's per-row index), and two functions over it:
 
-    decode_step     one token for every slot: [S, 1] through the model; slots not decoding pass position -1,
-                    so nothing they write is ever attended to
+    decode_steps    one token (or a few, while no prompt waits) for every slot: [S, 1] through the model;
+                    slots not decoding pass position -1, so nothing they write is ever attended to
     prefill_chunk   C prompt tokens of one slot: that slot's row is sliced out of the cache, run as a batch of
                     one and written back, so a prompt fills its slot while the other slots keep their state
 
-Every per-request setting (sampling, the slot, its index, its position) is a traced array: one compiled decode
-step serves any mix of requests, and prefill compiles once per chunk bucket (and once more per bucket for a
+Every per-request setting (sampling, the slot, its index, its position) is a traced array: the compiled decode
+steps serve any mix of requests, and prefill compiles once per chunk bucket (and once more per bucket for a
 request that asks for its prompt's log-probabilities).
 """
 
@@ -61,14 +61,28 @@ def empty_cache(config: LlamaConfig, slots: int, length: int) -> KVCache:
     return init_cache(config, slots, length, per_row_index=True)
 
 
-@partial(jax.jit, static_argnames=("config", "ops"), donate_argnames=("cache",))
-def decode_step(params, cache: KVCache, tokens, positions, index, sampling: SlotSampling, *, config: LlamaConfig,
-                ops: Ops) -> tuple[KVCache, Sampled]:
-    """tokens, positions, index: [S]; position -1 for a slot that is not decoding (free, or still prefilling)."""
-    SLOT_TRACE_COUNTS["decode_step"] += 1
-    logits, cache = forward(params, tokens[:, None], positions[:, None], cache._replace(index=index), config=config,
-                            ops=ops)
-    return cache, _sample(logits[:, 0], sampling)
+@partial(jax.jit, static_argnames=("config", "ops", "steps"), donate_argnames=("cache",))
+def decode_steps(params, cache: KVCache, tokens, positions, index, sampling: SlotSampling, *, config: LlamaConfig,
+                 ops: Ops, steps: int) -> tuple[KVCache, Sampled]:
+    """`steps` tokens for every decoding slot, on the device; returns them stacked [steps, S].
+
+    tokens, positions, index: [S]; position -1 for a slot that is not decoding (free, or still prefilling): it
+    stays idle, and nothing it writes is ever attended to.
+    """
+    SLOT_TRACE_COUNTS[f"decode_steps_{steps}"] += 1
+    active = (positions >= 0).astype(jnp.int32)
+
+    def step(carry, _):
+        cache, tokens, positions, index, counts = carry
+        logits, cache = forward(params, tokens[:, None], positions[:, None], cache._replace(index=index),
+                                config=config, ops=ops)
+        out = _sample(logits[:, 0], sampling._replace(counts=counts))
+        carry = (cache, jnp.where(active > 0, out.ids, tokens), jnp.where(active > 0, positions + 1, -1),
+                 index + active, counts + active)
+        return carry, out
+
+    (cache, *_), out = jax.lax.scan(step, (cache, tokens, positions, index, sampling.counts), None, length=steps)
+    return cache, out
 
 
 def _rows(fn, cache: KVCache, *others: KVCache) -> KVCache:
