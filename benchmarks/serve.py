@@ -75,7 +75,8 @@ async def one_request(client, prompt, max_tokens, delay, t0, result):
     await asyncio.sleep(max(0.0, t0 + delay - time.perf_counter()))
     sent = time.perf_counter()
     stamps, usage = [], 0
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+    # logprobs=0 says how many tokens each chunk carries (the engine sends several per chunk when it runs ahead).
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "logprobs": 0,
             "stream_options": {"include_usage": True}}
     try:
         async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -85,8 +86,11 @@ async def one_request(client, prompt, max_tokens, delay, t0, result):
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     usage = chunk["usage"]["completion_tokens"]
-                elif chunk["choices"]:
-                    stamps.append(time.perf_counter())
+                elif chunk["choices"] and (n := len((chunk["choices"][0]["logprobs"] or {}).get("tokens", []))):
+                    now = time.perf_counter()
+                    # A chunk of n tokens: its tokens' arrival times spread evenly since the previous chunk.
+                    start = stamps[-1] if stamps else now
+                    stamps += [start + (now - start) * (k + 1) / n for k in range(n)] if stamps else [now] * n
     except httpx.HTTPError as e:
         print(f"request failed: {e}", file=sys.stderr)
     result.append((sent, stamps, usage))
