@@ -18,11 +18,11 @@ class RequestParams:
     """What one request asks for: the settings of the OpenAI API that reach the engine."""
 
     max_tokens: int = 16
+    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None  # None: a fresh random seed
-    stop: tuple[str, ...] = ()  # stop strings: the text ends before the first one
     logprobs: int | None = None  # None: none; k: each token's log-probability and its k best candidates
     prompt_logprobs: bool = False  # the same for the prompt's tokens (the first has none)
 
