@@ -50,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=0.9, metavar="P", help="nucleus sampling mass in (0, 1] (1 = off)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-logprobs", type=int, default=0, metavar="K",
+                   help="after the text, each generated token's K most likely candidates with their probabilities "
+                        "(the model's, before temperature and filtering); with --max-new-tokens 1: what would the "
+                        "model say next?")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute and parameter dtype (default: as in config.json)")
     p.add_argument("--chunk-size", type=int, default=8, metavar="N",
@@ -81,6 +85,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
         raise UsageError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not 0 <= args.top_logprobs <= 20:
+        raise UsageError(f"--top-logprobs must be in [0, 20], got {args.top_logprobs}")
     if args.chunk_size < 1:
         raise UsageError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     if args.prefill_chunk < 1:
@@ -188,6 +194,8 @@ def run(args: argparse.Namespace, prompts: list[str]) -> int:
         if len(encoded) > 1:
             for i, (prompt, text) in enumerate(zip(prompts, texts)):
                 print(f"--- {i + 1}: {prompt}\n{text}")
+        if args.top_logprobs:
+            print_candidates(gen, tok, encoded, stats["ids"], args.top_logprobs)
         report(stats)
         return 0
     return chat_repl(gen, tok, system, config.max_seq_len, seed=args.seed, **options)
@@ -220,6 +228,7 @@ def complete(gen, tok, encoded, *, seed, **options):
     if not progress:
         print(flush=True)
     stats["compile"] = gen.compile_seconds - compiled0
+    stats["ids"] = [d.ids for d in decoders]
     stats["seconds"] = time.perf_counter() - t0 - stats["compile"]
     return [d.text for d in decoders], stats
 
@@ -248,6 +257,26 @@ def chat_repl(gen, tok, system, max_seq_len, *, seed, **options) -> int:
         dialog.append({"role": "assistant", "content": text})
         report(stats)
         turn += 1
+
+
+def print_candidates(gen, tok, encoded, generated, k: int) -> None:
+    """For each generated token, the K most likely tokens at its position: one forward pass over prompt + output."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from llama_jax.model import forward
+
+    for i, (prompt, ids) in enumerate(zip(encoded, generated)):
+        if len(encoded) > 1:
+            print(f"--- candidates {i + 1}")
+        tokens = jnp.asarray([prompt + ids[:-1] if ids else prompt])
+        logits = forward(gen.params, tokens, jnp.arange(tokens.shape[1])[None], config=gen.config, ops=gen.ops)[0]
+        logprobs = np.asarray(jax.nn.log_softmax(logits[0, len(prompt) - 1:], axis=-1))
+        for j, row in enumerate(logprobs[:max(1, len(ids))]):
+            best = np.argsort(-row, kind="stable")[:k]
+            chosen = f"{tok.decode([ids[j]])!r} " if j < len(ids) else ""
+            print(f"{j + 1}: {chosen}<- " + "  ".join(f"{tok.decode([int(t)])!r} {np.exp(row[t]):.4f}" for t in best))
 
 
 def report(stats) -> None:

@@ -18,7 +18,8 @@ class KVCache(NamedTuple):
     on XLA:CPU a layer's slice of a stacked array is copied before every product that reads it.
 
     positions: [batch, max_len], the position of the token in each slot; -1 marks an empty or padding slot.
-    index: the slot the next token is written to, the same for every row (ragged prompts are left-padded).
+    index: the slot the next token is written to: a scalar shared by every row (ragged prompts are left-padded),
+    or per row, shape [batch], where each row is a separate sequence at its own length (continuous batching).
     """
 
     k: jax.Array | tuple[jax.Array, ...]
@@ -34,31 +35,44 @@ class KVCache(NamedTuple):
         k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
         if isinstance(self.k, tuple):
             def put(per_layer, new):
-                updated = jax.lax.dynamic_update_slice(per_layer[layer], new.astype(per_layer[layer].dtype),
-                                                       (0, 0, self.index, 0))
+                updated = _put_rows(per_layer[layer], new.astype(per_layer[layer].dtype), (), self.index)
                 return per_layer[:layer] + (updated,) + per_layer[layer + 1:]
         else:
             def put(stacked, new):
-                return jax.lax.dynamic_update_slice(stacked, new.astype(stacked.dtype)[None],
-                                                    (layer, 0, 0, self.index, 0))
+                return _put_rows(stacked, new.astype(stacked.dtype)[None], (layer,), self.index)
         return self._replace(k=put(self.k, k), v=put(self.v, v))
 
     def record_positions(self, positions) -> "KVCache":
         """Writes the positions of the tokens about to be stored (slots index..index+seq-1), before any layer
         runs, so that every layer's attention already sees them."""
-        return self._replace(positions=jax.lax.dynamic_update_slice(
-            self.positions, positions.astype(jnp.int32), (0, self.index)))
+        positions = positions.astype(jnp.int32)
+        if jnp.ndim(self.index) == 0:
+            return self._replace(positions=jax.lax.dynamic_update_slice(self.positions, positions, (0, self.index)))
+        put = jax.vmap(lambda row, new, i: jax.lax.dynamic_update_slice(row, new, (i,)))
+        return self._replace(positions=put(self.positions, positions, self.index))
 
-    def advance(self, n: int) -> "KVCache":
+    def advance(self, n) -> "KVCache":
+        """n: a count for every row, or per row ([batch]) with a per-row index."""
         return self._replace(index=self.index + n)
+
+
+def _put_rows(array, new, lead: tuple, index):
+    """array [*lead, batch, kv_heads, len, head_dim] with `new` written from slot `index` (scalar: every row at
+    the same slot; [batch]: each row at its own, as one vmapped update)."""
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice(array, new, (*lead, 0, 0, index, 0))
+    axis = len(lead)
+    one = lambda a, n, i: jax.lax.dynamic_update_slice(a, n, (*lead, 0, i, 0))
+    return jax.vmap(one, in_axes=(axis, axis, 0), out_axes=axis)(array, new, index)
 
 
 # Logical axes: under a mesh's rules (sharding.activate) the cache is sharded with its rows and its KV heads.
 CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
 
 
-def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-    """An empty cache, laid out for `config.scan_layers` (stacked) or the unrolled layers (a tuple)."""
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None, per_row_index: bool = False) -> KVCache:
+    """An empty cache, laid out for `config.scan_layers` (stacked) or the unrolled layers (a tuple); with
+    `per_row_index` each row keeps its own write index."""
     shape = (batch, config.kv_heads, max_len, config.head_dim)
     dtype = dtype or config.compute_dtype
     if config.scan_layers:
@@ -68,4 +82,4 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None) -> KVC
         k, v = (tuple(nn.with_logical_constraint(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(config.n_layers))
                 for _ in "kv")
     positions = nn.with_logical_constraint(jnp.full((batch, max_len), -1, jnp.int32), ("batch", "length"))
-    return KVCache(k=k, v=v, positions=positions, index=jnp.zeros((), jnp.int32))
+    return KVCache(k=k, v=v, positions=positions, index=jnp.zeros((batch,) if per_row_index else (), jnp.int32))

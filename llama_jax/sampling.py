@@ -128,3 +128,41 @@ def sample_rows(logits: jax.Array, key: jax.Array, step, *, temperature=0.0, top
     draw = lambda row, k: sample(row, k, temperature=temperature, top_k=top_k, top_p=top_p, is_greedy=False,
                                  use_top_p=use_top_p)
     return jax.vmap(draw)(logits, row_keys)
+
+
+# Top candidates returned with every sampled token (the OpenAI API allows at most 20).
+MAX_TOP_LOGPROBS = 20
+
+
+def sample_slots(logits: jax.Array, *, temperature, top_k, top_p, seeds, counts) -> jax.Array:
+    """One id per row of logits [S, V], every setting a traced per-row array ([S]), so that rows with different
+    settings share one compiled function: temperature (0 = greedy), top_k (0 = off, a rank mask over the sorted
+    logits), top_p (1 = off), and the draw keyed by fold_in(key(seed), count): a request's n-th token depends
+    on its seed and n only, not on its row or on the other rows. Filters in `filtered_probs`'s order."""
+    greedy_ids = greedy(logits)
+
+    def draw():
+        order = jnp.argsort(-logits, axis=-1, stable=True).astype(jnp.int32)
+        scaled = jnp.take_along_axis(logits, order, axis=-1) / jnp.maximum(temperature, 1e-6)[:, None]
+        rank = jnp.arange(logits.shape[-1])[None, :]
+        keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
+        probs = jax.nn.softmax(jnp.where(keep, scaled, -jnp.inf), axis=-1)
+        keep &= top_p_mask(probs, top_p[:, None])
+        keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counts)
+        choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, scaled, -jnp.inf))
+        return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
+
+    # The sort is the costly part: an all-greedy batch skips it.
+    sampled = jax.lax.cond(jnp.all(temperature == 0), lambda: greedy_ids, draw)
+    return jnp.where(temperature == 0, greedy_ids, sampled)
+
+
+def token_logprobs(logits: jax.Array, ids: jax.Array, want_top) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(logprob of ids, top MAX_TOP_LOGPROBS logprobs, their ids) from logits [..., V] before any temperature or
+    filtering; the top candidates are computed only when `want_top` (a traced bool) holds, zeros otherwise."""
+    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(logprobs, jnp.maximum(ids, 0)[..., None], axis=-1)[..., 0]
+    k = min(MAX_TOP_LOGPROBS, logits.shape[-1])
+    empty = lambda: (jnp.zeros((*ids.shape, k), jnp.float32), jnp.zeros((*ids.shape, k), jnp.int32))
+    top, top_ids = jax.lax.cond(want_top, lambda: tuple(jax.lax.top_k(logprobs, k)), empty)
+    return chosen, top, top_ids.astype(jnp.int32)

@@ -53,7 +53,8 @@ class Ops:
         [batch, kv_heads, kv_len, head_dim] (the cache's layout). q_positions [batch, q_len] and kv_positions
         [batch, kv_len]: a query sees the keys at positions 0..its own, and position -1 (padding, an empty slot)
         is never seen. Both None: every row is 0..q_len-1, unpadded, the plain causal case. kv_len: how many
-        leading slots of k/v can hold keys; the rest need not be read. k and v may be stored in another dtype
+        leading slots of k/v can hold keys; the rest need not be read (a scalar, or per row [batch]: one
+        bound, the longest row's, serves the batch). k and v may be stored in another dtype
         than q's (the cache's); they are computed with in q's. layer: k and v are a KVCache's per-layer tuples or
         stacked [layers, ...] arrays, of which this layer is read. segment_ids [batch, q_len] (self-attention of
         packed training rows): a query sees the keys of its own segment up to itself; positions then only rotate.
@@ -64,6 +65,8 @@ class Ops:
             return attn.plain_causal(q, k, v, self.attention_kernel)
         if isinstance(k, tuple):
             k, v, layer = k[layer], v[layer], None
+        if kv_len is not None:
+            kv_len = jnp.max(kv_len)  # per-row lengths: the mask keeps each row to its own
         keys = k.shape[-2 if heads_first else -3]
         windows = self.cache_kernel == "cpu_windows" and heads_first and kv_len is not None and q.shape[1] == 1
         if keys > self.attention_block and not (windows and keys <= CPU_WINDOWS_MAX_KEYS):

@@ -1,0 +1,226 @@
+"""Continuous batching (serve.py) against static batches (Generator), the same requests in the same run.
+
+    python benchmarks/serve.py --preset small-100m --tokenizer ../shared/tokenizers/llama2/tokenizer.model
+    python benchmarks/serve.py --checkpoint models/llama3-8b --requests 128 --rate 2
+
+Requests: random token-id prompts of --min-prompt..--max-prompt tokens, greedy outputs of --min-output..
+--max-output tokens. Two loads for each system:
+- saturation: every request sent at once; output tokens per second over the whole run;
+- Poisson arrivals at --rate requests/s: time to first token and inter-token latency, p50 and p90.
+The server runs in a child process (compiled at start-up); the static batches run here, up to --max-slots rows
+through Generator.stream, the next batch starting when the previous one ends, with compilation time excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", metavar="DIR", help="model folder (default: random weights of --preset)")
+    p.add_argument("--preset", default="small-100m")
+    p.add_argument("--tokenizer", default=str(ROOT.parent / "shared" / "tokenizers" / "llama2" / "tokenizer.model"),
+                   help="tokenizer for the random-weights model folder")
+    p.add_argument("--requests", type=int, default=128)
+    p.add_argument("--poisson-requests", type=int, help="requests in the Poisson load (default: --requests)")
+    p.add_argument("--min-prompt", type=int, default=16)
+    p.add_argument("--max-prompt", type=int, default=512)
+    p.add_argument("--min-output", type=int, default=8)
+    p.add_argument("--max-output", type=int, default=256)
+    p.add_argument("--rate", type=float, default=1.0, help="Poisson arrivals per second")
+    p.add_argument("--max-slots", type=int, default=8)
+    p.add_argument("--prefill-budget", type=int, default=256)
+    p.add_argument("--port", type=int, default=8123)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def make_requests(args, count: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
+    rng = np.random.default_rng(seed)
+    return [([1, *map(int, rng.integers(3, vocab, size=int(n) - 1))], int(m))
+            for n, m in zip(rng.integers(args.min_prompt, args.max_prompt + 1, size=count),
+                            rng.integers(args.min_output, args.max_output + 1, size=count))]
+
+
+def arrivals(count: int, rate: float, seed: int) -> np.ndarray:
+    return np.cumsum(np.random.default_rng(seed).exponential(1 / rate, size=count))
+
+
+def summary(name: str, tokens: int, seconds: float, ttft: list[float], itl: list[float]) -> dict:
+    pct = lambda xs, q: float(np.percentile(xs, q)) * 1000 if xs else float("nan")
+    return dict(system=name, tokens_per_s=tokens / seconds if seconds else 0.0, ttft_p50=pct(ttft, 50),
+                ttft_p90=pct(ttft, 90), itl_p50=pct(itl, 50), itl_p90=pct(itl, 90))
+
+
+# --- continuous batching: the server ---------------------------------------------------------------------------
+
+async def one_request(client, prompt, max_tokens, delay, t0, result):
+    import httpx
+
+    await asyncio.sleep(max(0.0, t0 + delay - time.perf_counter()))
+    sent = time.perf_counter()
+    stamps, usage = [], 0
+    # logprobs=0 says how many tokens each chunk carries (the engine sends several per chunk when it runs ahead).
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "logprobs": 0,
+            "stream_options": {"include_usage": True}}
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]["completion_tokens"]
+                elif chunk["choices"] and (n := len((chunk["choices"][0]["logprobs"] or {}).get("tokens", []))):
+                    now = time.perf_counter()
+                    # A chunk of n tokens: its tokens' arrival times spread evenly since the previous chunk.
+                    start = stamps[-1] if stamps else now
+                    stamps += [start + (now - start) * (k + 1) / n for k in range(n)] if stamps else [now] * n
+    except httpx.HTTPError as e:
+        print(f"request failed: {e}", file=sys.stderr)
+    result.append((sent, stamps, usage))
+
+
+async def server_load(url: str, requests, delays) -> tuple[float, list]:
+    import httpx
+
+    results: list = []
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=httpx.Limits(max_connections=1000)) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one_request(client, p, m, d, t0, results) for (p, m), d in zip(requests, delays)))
+        return time.perf_counter() - t0, results
+
+
+def latencies(results) -> tuple[list[float], list[float], int]:
+    ttft = [stamps[0] - sent for sent, stamps, _ in results if stamps]
+    itl = [b - a for _, stamps, _ in results for a, b in zip(stamps, stamps[1:])]
+    return ttft, itl, sum(n for *_, n in results)
+
+
+def run_server(args, model_dir: Path, saturation, poisson, delays) -> list[dict]:
+    import httpx
+
+    cmd = [sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(model_dir), "--port", str(args.port),
+           "--max-slots", str(args.max_slots), "--prefill-budget", str(args.prefill_budget),
+           "--max-queue", str(max(len(saturation), len(poisson)))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"serve.py exited with {proc.returncode}")
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(1)
+        seconds, results = asyncio.run(server_load(url, saturation, [0.0] * len(saturation)))
+        tokens = latencies(results)[2]
+        _, results = asyncio.run(server_load(url, poisson, delays))
+        ttft, itl, _ = latencies(results)
+        print(f"server stats: {httpx.get(f'{url}/health').json()}", file=sys.stderr)
+        return [summary("continuous batching (serve.py)", tokens, seconds, ttft, itl)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+# --- static batches: Generator ---------------------------------------------------------------------------------
+
+class Clock:
+    """Wall time minus the Generator's compilation time: a compile is as if it never happened."""
+
+    def __init__(self, gen):
+        self.gen, self.start = gen, time.perf_counter() - gen.compile_seconds
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.gen.compile_seconds - self.start
+
+
+def static_run(gen, requests, delays, slots: int) -> tuple[float, list]:
+    """Serves requests in arrival order, up to `slots` at a time, each batch decoding until its longest row ends."""
+    clock, results, i = Clock(gen), [], 0
+    while i < len(requests):
+        now = clock()
+        if delays[i] > now:
+            time.sleep(delays[i] - now)
+        batch = [j for j in range(i, min(i + slots, len(requests))) if delays[j] <= max(clock(), delays[i])]
+        i += len(batch)
+        stamps = {j: [] for j in batch}
+        prompts = [requests[j][0] for j in batch]
+        for chunk in gen.stream(prompts, max_new_tokens=max(requests[j][1] for j in batch), chunk_size=1):
+            t = clock()
+            for j, new in zip(batch, chunk.tokens):
+                if new and len(stamps[j]) < requests[j][1]:
+                    stamps[j].append(t)
+        results += [(delays[j], stamps[j], len(stamps[j])) for j in batch]
+    return clock(), results
+
+
+def run_static(args, model_dir: Path, saturation, poisson, delays) -> list[dict]:
+    from llama_jax.checkpoint import TOKENIZER_FILE
+    from llama_jax.generation import Generator
+    from llama_jax.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(model_dir / TOKENIZER_FILE)
+    gen = Generator.from_checkpoint(model_dir, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    seconds, results = static_run(gen, saturation, [0.0] * len(saturation), args.max_slots)
+    tokens = latencies(results)[2]
+    _, results = static_run(gen, poisson, delays, args.max_slots)
+    ttft, itl, _ = latencies(results)
+    return [summary(f"static batches (Generator, <= {args.max_slots} rows)", tokens, seconds, ttft, itl)]
+
+
+def random_model(args, folder: Path) -> Path:
+    import jax
+
+    from llama_jax.checkpoint import save_model
+    from llama_jax.config import preset
+    from llama_jax.model import init_params
+
+    config = preset(args.preset)
+    save_model(folder / args.preset, init_params(config, jax.random.key(args.seed)), config, args.tokenizer)
+    return folder / args.preset
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(args.checkpoint) if args.checkpoint else random_model(args, Path(tmp))
+        from llama_jax.checkpoint import load_config
+
+        vocab = min(load_config(model_dir).vocab_size, 32000)
+        saturation = make_requests(args, args.requests, vocab, args.seed)
+        poisson = make_requests(args, args.poisson_requests or args.requests, vocab, args.seed + 1)
+        delays = arrivals(len(poisson), args.rate, args.seed + 2)
+        rows = run_server(args, model_dir, saturation, poisson, delays)
+        rows += run_static(args, model_dir, saturation, poisson, delays)
+    print(f"{len(saturation)} requests at once (saturation), {len(poisson)} at {args.rate}/s (Poisson); prompts "
+          f"{args.min_prompt}-{args.max_prompt} tokens, outputs {args.min_output}-{args.max_output}, greedy; "
+          f"{args.max_slots} slots; {os.cpu_count()} CPUs")
+    print("| system | output tokens/s (saturation) | TTFT p50 / p90 (ms) | inter-token p50 / p90 (ms) |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['system']} | {r['tokens_per_s']:.1f} | {r['ttft_p50']:.0f} / {r['ttft_p90']:.0f} | "
+              f"{r['itl_p50']:.0f} / {r['itl_p90']:.0f} |")
+    print(f"continuous / static throughput: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
