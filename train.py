@@ -76,6 +76,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
     t.add_argument("--seed", type=int, help=f"parameter init and data order (default: {d['seed']})")
 
+    f = p.add_argument_group("LoRA (with --init-from: adapters train, the base weights stay frozen)")
+    f.add_argument("--lora-rank", type=int, help="adapter rank; 0 trains every parameter (default: 0)")
+    f.add_argument("--lora-alpha", type=float, help=f"adapter scale alpha / rank (default alpha: {d['lora_alpha']})")
+    f.add_argument("--lora-targets", help=f"weights to adapt, comma-separated (default: {d['lora_targets']})")
+    f.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default: 0)")
+    f.add_argument("--base-dtype", choices=["float32", "bfloat16", "float16"],
+                   help="dtype the frozen base weights are held in (default: the model's param dtype)")
+
     o = p.add_argument_group("optimisation")
     o.add_argument("--steps", type=int, help=f"optimizer steps (default: {d['steps']})")
     o.add_argument("--batch-size", type=int,
@@ -125,7 +133,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 TRAIN_FLAGS = ("data", "tokenizer", "run_dir", "seed", "steps", "batch_size", "grad_accum", "seq_len", "lr",
                "min_lr_ratio", "warmup_steps", "weight_decay", "b1", "b2", "clip_norm", "eval_every",
                "eval_batches", "eval_fraction", "log_every", "save_every", "keep", "async_checkpoint",
-               "peak_flops", "mesh_data", "mesh_fsdp", "mesh_tensor", "document_mask")
+               "peak_flops", "mesh_data", "mesh_fsdp", "mesh_tensor", "document_mask", "lora_rank", "lora_alpha",
+               "lora_targets", "lora_dropout", "base_dtype")
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL
 MODEL_FLAGS = ("dtype", "param_dtype", "remat_policy", "attention_impl")
 

@@ -81,12 +81,18 @@ def adapter_logical_axes(config: LlamaConfig, lora: LoraConfig) -> dict[str, Any
     return {"layers": tree}
 
 
-def attach(params: dict[str, Any], adapters: dict[str, Any], lora: LoraConfig) -> dict[str, Any]:
-    """params with each adapted weight replaced by LoraWeight(base, a, b)."""
+def attach(params: dict[str, Any], adapters: dict[str, Any], lora: LoraConfig,
+           dropout_key: jax.Array | None = None) -> dict[str, Any]:
+    """params with each adapted weight replaced by LoraWeight(base, a, b); with `dropout_key` (training) and
+    lora.dropout > 0, each adapted product drops its input with a key of its own per layer."""
     layers = {module: dict(sub) for module, sub in params["layers"].items()}
-    for module, targets in adapters["layers"].items():
-        for name, ab in targets.items():
-            layers[module][name] = LoraWeight(layers[module][name], ab["a"], ab["b"], scale=lora.scale)
+    for i, (module, targets) in enumerate(adapters["layers"].items()):
+        for j, (name, ab) in enumerate(targets.items()):
+            key = None
+            if dropout_key is not None and lora.dropout:
+                key = jax.random.split(jax.random.fold_in(dropout_key, 16 * i + j), ab["a"].shape[0])
+            layers[module][name] = LoraWeight(layers[module][name], ab["a"], ab["b"], scale=lora.scale, key=key,
+                                              dropout=lora.dropout)
     return {**params, "layers": layers}
 
 

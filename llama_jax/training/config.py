@@ -90,6 +90,12 @@ class TrainConfig:
     async_checkpoint: bool = True
     peak_flops: float | None = None  # FLOP/s of all devices together; default from the device kind
     document_mask: bool | None = None  # attention inside each document; default: on for a prepared dataset
+    # LoRA: rank 0 trains every parameter; > 0 trains adapters on --init-from's frozen weights (stored in base_dtype).
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "wq,wk,wv,wo,w1,w2,w3"
+    lora_dropout: float = 0.0
+    base_dtype: str | None = None
 
     def validate(self) -> None:
         self.model.validate()
@@ -103,6 +109,23 @@ class TrainConfig:
             raise TrainError(f"--warmup-steps={self.warmup_steps}: expected 0 <= warmup < --steps={self.steps}")
         if self.clip_norm <= 0:
             raise TrainError(f"--clip-norm={self.clip_norm}: must be > 0")
+        if self.lora_rank < 0:
+            raise TrainError(f"--lora-rank={self.lora_rank}: must be >= 0 (0 = train every parameter)")
+        if self.lora_rank and not self.model.init_from:
+            raise TrainError("--lora-rank needs --init-from: adapters train on a pretrained model's frozen weights")
+        if self.base_dtype is not None and not self.lora_rank:
+            raise TrainError("--base-dtype is for LoRA runs (--lora-rank > 0), whose base weights are frozen")
+        _ = self.lora  # building it checks the --lora-* values, each error naming its flag
+
+    @property
+    def lora(self):
+        """The LoRA settings, or None when every parameter trains."""
+        from llama_jax.adapters import LoraConfig
+
+        if not self.lora_rank:
+            return None
+        targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+        return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=targets, dropout=self.lora_dropout)
 
     @property
     def uses_document_mask(self) -> bool:
@@ -179,6 +202,7 @@ USER_ERRORS = (TrainError, ConfigError, ckpt.CheckpointError, data_lib.DataError
 
 def user_errors() -> tuple[type[BaseException], ...]:
     # The tokenizer module imports sentencepiece and tiktoken at load time: loaded only to classify an error.
+    from llama_jax.adapters import AdapterError
     from llama_jax.tokenizer import TokenizerError
 
-    return (*USER_ERRORS, TokenizerError)
+    return (*USER_ERRORS, TokenizerError, AdapterError)

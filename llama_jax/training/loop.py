@@ -114,7 +114,8 @@ class Run:
             write_run_files(setup)
         self.mesh = sh.make_mesh(setup.mesh_shape)
         optimizer = make_optimizer(tc)
-        shardings = state_shardings(config, optimizer, self.mesh)
+        self.lora = tc.lora
+        shardings = state_shardings(config, optimizer, self.mesh, self.lora)
         self.batch_sharding = sh.batch_sharding(self.mesh)
         self.manager = checkpoint_manager(self.run_dir, tc)
         self.document_mask = tc.uses_document_mask
@@ -125,10 +126,11 @@ class Run:
         with sh.activate(self.mesh):
             self.state = self._initial_state(setup, optimizer, shardings)
             ops = select_ops(config)  # the kernels, chosen once for both steps
-            self.train_step = jax.jit(train_step_fn(config, optimizer, lr_schedule(tc), shardings["params"], ops),
-                                      in_shardings=(shardings, *fields), out_shardings=(shardings, rep),
-                                      donate_argnums=0)
-            self.eval_step = jax.jit(eval_step_fn(config, ops), in_shardings=(shardings["params"], *fields),
+            self.train_step = jax.jit(
+                train_step_fn(config, optimizer, lr_schedule(tc), shardings["params"], ops, self.lora),
+                in_shardings=(shardings, *fields), out_shardings=(shardings, rep), donate_argnums=0)
+            self.eval_step = jax.jit(eval_step_fn(config, ops, self.lora),
+                                     in_shardings=(shardings["params"], shardings.get("base"), *fields),
                                      out_shardings=rep)
 
         self.step = int(jax.device_get(self.state["step"]))
@@ -154,17 +156,22 @@ class Run:
     def _initial_state(self, setup: Setup, optimizer, shardings) -> dict[str, Any]:
         """The resumed checkpoint (and data position), the --init-from parameters, or a fresh init."""
         tc, config = setup.tc, setup.config
+        frozen = {}
+        if self.lora is not None:  # the base weights, frozen, in --base-dtype: read at every start, never saved
+            base_config = config.replace(param_dtype=tc.base_dtype) if tc.base_dtype else config
+            frozen["base"] = ckpt.load_params(tc.model.init_from, base_config, shardings["base"])
         if setup.resume_step is not None:
             state, data_state = restore_checkpoint(self.manager, setup.resume_step,
-                                                   abstract_state(config, optimizer, shardings))
+                                                   abstract_state(config, optimizer, shardings, self.lora))
             self.iterator.restore(data_state)
             self.say(f"resumed {self.run_dir} at step {setup.resume_step}")
-            return state
+            return {**state, **frozen}
         params = None
-        if tc.model.init_from:
+        if tc.model.init_from and self.lora is None:
             params = ckpt.load_params(tc.model.init_from, config, shardings["params"])
+        if tc.model.init_from:
             self.say(f"initialised from {tc.model.init_from}")
-        return init_state(config, optimizer, shardings, tc.seed, params)
+        return {**init_state(config, optimizer, shardings, tc.seed, params, self.lora), **frozen}
 
     def _batch(self, batch: data_lib.Batch) -> tuple[jax.Array, ...]:
         """The sharded [accum, micro, seq] arrays; each process gathers only the rows its devices hold, once per
@@ -216,7 +223,8 @@ class Run:
         with sh.activate(self.mesh):
             for batch in data_lib.eval_batches(self.eval_rows, self.micro_batch, self.tc.eval_batches,
                                                self.document_mask):
-                s, n = jax.device_get(self.eval_step(self.state["params"], *self._batch(batch)))
+                s, n = jax.device_get(self.eval_step(self.state["params"], self.state.get("base"),
+                                                     *self._batch(batch)))
                 total, count = total + float(s), count + float(n)
         loss = total / max(count, 1.0)
         perplexity = math.exp(min(loss, 700))

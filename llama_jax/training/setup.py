@@ -12,6 +12,7 @@ import jax
 from llama_jax import checkpoint as ckpt
 from llama_jax import data as data_lib
 from llama_jax import sharding as sh
+from llama_jax.adapters import ADAPTER_FILE, AdapterInfo, base_identity
 from llama_jax.config import LlamaConfig
 from llama_jax.dataset.store import TokenDataset, TokenRows, file_md5, is_prepared
 from llama_jax.training.config import SHAPE_FIELDS, TRAIN_CONFIG_FILE, TrainConfig, TrainError, resolve_model_config
@@ -53,6 +54,8 @@ def prepare(tc: TrainConfig, resume: bool = False) -> Setup:
                    if getattr(saved, k) != getattr(config, k)]
         if changed:
             raise TrainError(f"{run_dir / ckpt.CONFIG_FILE}: the resumed model differs in {changed}")
+    if tc.lora is not None and resume and steps_done:
+        _check_adapter_run(tc, run_dir)
     if tc.seq_len > config.max_seq_len:
         raise TrainError(f"--seq-len={tc.seq_len} exceeds the model's max_seq_len={config.max_seq_len}")
     shape = tc.mesh_shape.resolve(jax.device_count())
@@ -83,6 +86,16 @@ def load_data(tc: TrainConfig, tokenizer_path: str | Path) -> tuple[data_lib.Row
     return data_lib.split(packed, tc.eval_fraction, seed=tc.seed)
 
 
+def _check_adapter_run(tc: TrainConfig, run_dir: Path) -> None:
+    """A LoRA run resumes only on the base model, and with the LoRA settings, its adapters were trained with."""
+    info = AdapterInfo.read(run_dir)
+    if info is None:
+        raise TrainError(f"--run-dir {run_dir}: its checkpoints are not LoRA adapters (no {ADAPTER_FILE})")
+    if info.lora != tc.lora:
+        raise TrainError(f"{run_dir / ADAPTER_FILE}: the run's LoRA settings {info.lora} differ from {tc.lora}")
+    info.check_base(tc.model.init_from, run_dir)
+
+
 def write_run_files(setup: Setup) -> None:
     """config.json, train_config.json and tokenizer.model, each replaced atomically: the run folder is a model
     folder and `--resume` needs nothing else."""
@@ -93,6 +106,9 @@ def write_run_files(setup: Setup) -> None:
         tmp = run_dir / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, run_dir / name)
+    if setup.tc.lora is not None and not (run_dir / ADAPTER_FILE).exists():
+        base = Path(setup.tc.model.init_from)
+        AdapterInfo(str(base.resolve()), base_identity(base), setup.tc.lora).save(run_dir)
     tok_dst = run_dir / ckpt.TOKENIZER_FILE
     if not tok_dst.exists() or tok_dst.read_bytes() != setup.tokenizer_path.read_bytes():
         tmp = run_dir / f".{ckpt.TOKENIZER_FILE}.tmp"

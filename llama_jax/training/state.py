@@ -1,7 +1,9 @@
 """The train state (params, optimizer state, step, RNG): where each array lives, and its Orbax checkpoints.
 
 A checkpoint is RUN_DIR/<step>/{params, opt_state, train, data}: train holds the step and RNG, data the
-position in the data order, so a resumed run continues exactly where the saved one was.
+position in the data order, so a resumed run continues exactly where the saved one was. With LoRA, `params` are
+the adapters, the only trained (and checkpointed) arrays, and the state also carries the frozen `base` weights,
+which come from --init-from at every start.
 """
 
 from __future__ import annotations
@@ -21,16 +23,35 @@ from llama_jax.training.config import TrainConfig
 ITEMS = ("params", "opt_state", "train", "data")
 
 
-def state_shardings(config: LlamaConfig, optimizer, mesh) -> dict[str, Any]:
+def trainable_init(config: LlamaConfig, lora, key: jax.Array) -> Any:
+    """Fresh trained parameters: the model's, or with LoRA the adapters'."""
+    from llama_jax.adapters import init_adapters
     from llama_jax.model import init_params
 
-    params_sh = sh.param_shardings(config, mesh)
-    abstract_params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return init_params(config, key) if lora is None else init_adapters(config, lora, key)
+
+
+def _trainable_shardings(config: LlamaConfig, mesh, lora) -> Any:
+    if lora is None:
+        return sh.param_shardings(config, mesh)
+    from llama_jax.adapters import adapter_logical_axes
+
+    shapes = jax.eval_shape(lambda: trainable_init(config, lora, jax.random.key(0)))
+    return jax.tree.map(lambda spec, s: sh.logical_to_sharding(mesh, spec, s.shape), adapter_logical_axes(config, lora),
+                        shapes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+
+
+def state_shardings(config: LlamaConfig, optimizer, mesh, lora=None) -> dict[str, Any]:
+    params_sh = _trainable_shardings(config, mesh, lora)
+    abstract_params = jax.eval_shape(lambda: trainable_init(config, lora, jax.random.key(0)))
     abstract_opt = jax.eval_shape(optimizer.init, abstract_params)
     rep = sh.replicated(mesh)
     opt_sh = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, params_sh,
                                    transform_non_params=lambda _: rep)
-    return {"params": params_sh, "opt_state": opt_sh, "step": rep, "rng": rep}
+    out = {"params": params_sh, "opt_state": opt_sh, "step": rep, "rng": rep}
+    if lora is not None:
+        out["base"] = sh.param_shardings(config, mesh)
+    return out
 
 
 def _fresh_state(params, optimizer, key) -> dict[str, Any]:
@@ -38,27 +59,27 @@ def _fresh_state(params, optimizer, key) -> dict[str, Any]:
             "rng": jax.random.key_data(key)}
 
 
-def abstract_state(config: LlamaConfig, optimizer, shardings) -> dict[str, Any]:
-    """Shapes, dtypes and shardings of the state, without computing it: the target a checkpoint restores into."""
-    from llama_jax.model import init_params
-
-    shapes = jax.eval_shape(lambda: _fresh_state(init_params(config, jax.random.key(0)), optimizer,
+def abstract_state(config: LlamaConfig, optimizer, shardings, lora=None) -> dict[str, Any]:
+    """Shapes, dtypes and shardings of the checkpointed state, without computing it: what a checkpoint restores
+    into (a LoRA run's frozen base is not part of it)."""
+    shapes = jax.eval_shape(lambda: _fresh_state(trainable_init(config, lora, jax.random.key(0)), optimizer,
                                                  jax.random.key(0)))
-    return jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), shapes, shardings)
+    return jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), shapes,
+                        {k: v for k, v in shardings.items() if k != "base"})
 
 
-def init_state(config: LlamaConfig, optimizer, shardings, seed: int, params=None) -> dict[str, Any]:
-    """Fresh state: random parameters from `seed`, or the given (already placed) parameters for fine-tuning."""
-    from llama_jax.model import init_params
-
+def init_state(config: LlamaConfig, optimizer, shardings, seed: int, params=None, lora=None) -> dict[str, Any]:
+    """Fresh state: random parameters (or adapters) from `seed`, or the given (already placed) parameters for
+    full fine-tuning."""
     def build(key, params):
         init_key, state_key = jax.random.split(key)
         if params is None:
-            params = init_params(config, init_key)
+            params = trainable_init(config, lora, init_key)
         return _fresh_state(params, optimizer, state_key)
 
     in_sh = (None, None if params is None else shardings["params"])
-    return jax.jit(build, in_shardings=in_sh, out_shardings=shardings)(jax.random.key(seed), params)
+    trained = {k: v for k, v in shardings.items() if k != "base"}
+    return jax.jit(build, in_shardings=in_sh, out_shardings=trained)(jax.random.key(seed), params)
 
 
 def checkpoint_manager(run_dir: Path, tc: TrainConfig) -> ocp.CheckpointManager:

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from llama_jax.adapters import attach
 from llama_jax.config import LlamaConfig
 from llama_jax.kernels import Ops
 from llama_jax.model import forward
@@ -44,25 +45,28 @@ def loss_sums(params, inputs, targets, loss_mask, segment_ids=None, positions=No
 
 
 def accumulate_gradients(params, inputs, targets, loss_mask, segment_ids=None, positions=None, *,
-                         config: LlamaConfig, param_shardings=None, ops: Ops | None = None):
+                         config: LlamaConfig, param_shardings=None, ops: Ops | None = None,
+                         to_model: Callable | None = None):
     """(mean gradient, mean loss, token count) of a [grad_accum, micro, seq] batch (segment_ids and positions:
-    document masking, as `loss_sums`).
+    document masking, as `loss_sums`). to_model: the model's parameters made from the differentiated `params`
+    (LoRA: the frozen base with these adapters attached); default `params` themselves.
 
     Gradients of token *sums* are accumulated over micro-batches and divided by the token count of the whole
     batch once, so accumulation over 4 micro-batches of B is the same mean as one batch of 4B.
     """
     batch = tuple(x for x in (inputs, targets, loss_mask, segment_ids, positions) if x is not None)
+    to_model = to_model or (lambda p: p)
     if inputs.shape[0] == 1:
         # No accumulation: differentiate the mean directly. Saves the zero-filled accumulator and the division
         # of every gradient, each a full pass over parameter-sized memory.
         def mean_loss(p):
-            total, count = loss_sums(p, *(x[0] for x in batch), config=config, ops=ops)
+            total, count = loss_sums(to_model(p), *(x[0] for x in batch), config=config, ops=ops)
             return total / jnp.maximum(count, 1.0), count
 
         (loss, count), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
         return grads, loss, count
 
-    grad_fn = jax.value_and_grad(lambda p, *b: loss_sums(p, *b, config=config, ops=ops), has_aux=True)
+    grad_fn = jax.value_and_grad(lambda p, *b: loss_sums(to_model(p), *b, config=config, ops=ops), has_aux=True)
 
     def micro(carry, batch):
         grads, loss, count = carry
@@ -78,19 +82,28 @@ def accumulate_gradients(params, inputs, targets, loss_mask, segment_ids=None, p
     return jax.tree.map(lambda g: g / denom, grads), loss_sum / denom, count
 
 
+def model_params(state: dict[str, Any], lora, dropout_key=None) -> Callable:
+    """trained params -> the model's parameters: themselves, or with LoRA the state's frozen base with them as
+    adapters (dropping their input with `dropout_key` when training)."""
+    if lora is None:
+        return lambda params: params
+    return lambda adapters: attach(state["base"], adapters, lora, dropout_key)
+
+
 def train_step_fn(config: LlamaConfig, optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-                  param_shardings: Any, ops: Ops | None = None) -> Callable:
+                  param_shardings: Any, ops: Ops | None = None, lora=None) -> Callable:
     """(state, inputs, targets, loss_mask[, segment_ids, positions]) -> (state, metrics); batch arrays are
     [grad_accum, micro, seq]; the last two come with document masking.
-    ops: the kernels (default: select_ops(config) for this backend, chosen when the step is traced)."""
+    ops: the kernels (default: select_ops(config) for this backend, chosen when the step is traced).
+    lora: state["params"] are adapters on the frozen state["base"], and only they are differentiated."""
 
     def step(state, *batch):
         params = state["params"]
-        grads, loss, count = accumulate_gradients(params, *batch, config=config,
-                                                  param_shardings=param_shardings, ops=ops)
+        rng, dropout_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))
+        grads, loss, count = accumulate_gradients(params, *batch, config=config, param_shardings=param_shardings,
+                                                  ops=ops, to_model=model_params(state, lora, dropout_rng))
         updates, opt_state = optimizer.update(grads, state["opt_state"], params)
-        rng, _dropout_rng = jax.random.split(jax.random.wrap_key_data(state["rng"]))  # model has no dropout yet
-        new_state = {"params": optax.apply_updates(params, updates), "opt_state": opt_state,
+        new_state = {**state, "params": optax.apply_updates(params, updates), "opt_state": opt_state,
                      "step": state["step"] + 1, "rng": jax.random.key_data(rng)}
         # A finite loss says the *old* parameters were fine; the checkpoint holds the new ones. Finite old
         # parameters and finite gradients (a finite norm) give finite AdamW updates, hence finite new parameters:
@@ -108,11 +121,12 @@ def train_step_fn(config: LlamaConfig, optimizer: optax.GradientTransformation, 
 _tree_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
 
-def eval_step_fn(config: LlamaConfig, ops: Ops | None = None) -> Callable:
-    """(params, inputs, targets, loss_mask[, segment_ids, positions]) -> loss_sums of one [1, micro, seq]
-    held-out batch."""
+def eval_step_fn(config: LlamaConfig, ops: Ops | None = None, lora=None) -> Callable:
+    """(params, base, inputs, targets, loss_mask[, segment_ids, positions]) -> loss_sums of one [1, micro, seq]
+    held-out batch; base: a LoRA run's frozen weights (None otherwise)."""
 
-    def step(params, *batch):
+    def step(params, base, *batch):
+        params = model_params({"base": base}, lora)(params)
         return loss_sums(params, *(x[0] for x in batch), config=config, ops=ops)
 
     return step
