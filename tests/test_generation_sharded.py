@@ -137,5 +137,7 @@ def test_two_processes_generate_what_one_does(model_dir):
     one = run_python(f"import runpy, sys; sys.argv = {_generate_py(model_dir)[1:]!r}; "
                      "runpy.run_path(sys.argv[0], run_name='__main__')")
     # Process 0 prints, and both computed the same tokens; jax's CPU collectives (gloo) log their own lines.
-    printed = [[line for line in out.splitlines() if not line.startswith("[Gloo]")] for out in outs]
+    # Their C++ threads can split one such line in two, so both halves are recognised.
+    printed = [[line for line in out.splitlines() if "[Gloo]" not in line and "peer ranks" not in line]
+               for out in outs]
     assert printed == [one.stdout.splitlines(), []]
