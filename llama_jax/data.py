@@ -172,8 +172,10 @@ def tokenize(docs: Sequence[str], encode: Callable[[str], list[int]]) -> list[np
     return [np.asarray(encode(doc), dtype=np.int32) for doc in docs]
 
 
-def pack(docs: Sequence[np.ndarray], seq_len: int, *, bos_id: int, pad_id: int, seed: int = 0) -> Packed:
-    """Concatenates the documents in a seeded order and cuts windows of seq_len + 1 tokens, overlapping by one."""
+def pack(docs: Sequence[np.ndarray], seq_len: int, *, bos_id: int, pad_id: int, seed: int = 0,
+         masks: Sequence[np.ndarray] | None = None) -> Packed:
+    """Concatenates the documents in a seeded order and cuts windows of seq_len + 1 tokens, overlapping by one.
+    masks: per document, which of its tokens are trained on (chat: the assistant's); default all but bos."""
     if seq_len < 1:
         raise DataError(f"--seq-len={seq_len}: must be >= 1")
     order = np.random.default_rng([seed, 0x5EED]).permutation(len(docs))
@@ -184,7 +186,7 @@ def pack(docs: Sequence[np.ndarray], seq_len: int, *, bos_id: int, pad_id: int, 
     padded = np.full(n_rows * seq_len + 1, pad_id, np.int32)
     padded[: stream.size] = stream
     real = np.zeros(padded.size, bool)
-    real[: stream.size] = True
+    real[: stream.size] = True if masks is None else np.concatenate([masks[i] for i in order])
     # Row r is padded[r*T : r*T + T + 1]: a strided view, no copy until np.ascontiguousarray.
     windows = np.lib.stride_tricks.sliding_window_view(padded, seq_len + 1)[::seq_len][:n_rows]
     real_windows = np.lib.stride_tricks.sliding_window_view(real, seq_len + 1)[::seq_len][:n_rows]
@@ -194,6 +196,13 @@ def pack(docs: Sequence[np.ndarray], seq_len: int, *, bos_id: int, pad_id: int, 
     starts[np.cumsum([0] + [docs[i].size for i in order[:-1]])] = True
     doc_start = np.lib.stride_tricks.sliding_window_view(starts, seq_len + 1)[::seq_len][:n_rows]
     return Packed(rows, np.ascontiguousarray(loss_mask), np.ascontiguousarray(doc_start))
+
+
+def loss_share(rows: Rows) -> float | None:
+    """The share of an in-memory corpus's tokens that the loss counts (chat data: the assistant's), or None for a
+    dataset read from disk."""
+    base = getattr(rows, "base", rows)
+    return base.num_target_tokens / base.loss_mask.size if isinstance(base, Packed) else None
 
 
 def split(packed: Rows, eval_fraction: float, seed: int = 0) -> tuple[Rows, Rows | None]:

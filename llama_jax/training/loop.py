@@ -140,11 +140,13 @@ class Run:
         peak, peak_note = (tc.peak_flops, "--peak-flops") if tc.peak_flops else peak_flops(self.mesh.devices.flat)
         self.throughput = Throughput(tc.batch_size * tc.seq_len, flops_per_token(config, tc.seq_len), peak,
                                      tc.log_every)
+        share = data_lib.loss_share(self.train_rows)
         self.say(f"model {config.num_params() / 1e6:.2f}M params | mesh data={setup.mesh_shape.data} "
                  f"fsdp={setup.mesh_shape.fsdp} tensor={setup.mesh_shape.tensor} | batch {tc.batch_size} x "
                  f"{tc.seq_len} tokens (accum {tc.grad_accum}) | {len(self.train_rows)} train / "
                  f"{len(self.eval_rows) if self.eval_rows is not None else 0} held-out sequences | "
                  f"MFU peak: {peak_note}"
+                 f"{'' if share is None else f' | {100 * share:.1f}% of tokens in the loss'}"
                  f"{' | document masking' if self.document_mask else ''}")
 
         self.micro_batch = setup.micro_batch

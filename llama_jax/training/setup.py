@@ -13,6 +13,7 @@ from llama_jax import checkpoint as ckpt
 from llama_jax import data as data_lib
 from llama_jax import sharding as sh
 from llama_jax.adapters import ADAPTER_FILE, AdapterInfo, base_identity
+from llama_jax.chat_data import encode_dialogs, is_chat_data, read_dialogs
 from llama_jax.config import LlamaConfig
 from llama_jax.dataset.store import TokenDataset, TokenRows, file_md5, is_prepared
 from llama_jax.training.config import SHAPE_FIELDS, TRAIN_CONFIG_FILE, TrainConfig, TrainError, resolve_model_config
@@ -80,9 +81,12 @@ def load_data(tc: TrainConfig, tokenizer_path: str | Path) -> tuple[data_lib.Row
         rows = TokenRows(TokenDataset(tc.data, tokenizer_md5=file_md5(tokenizer_path)), tc.seq_len)
         return data_lib.split(rows, tc.eval_fraction, seed=tc.seed)
     tok = load_tokenizer(tokenizer_path)
-    docs = data_lib.read_documents(tc.data)
-    ids = data_lib.tokenize(docs, lambda text: tok.encode(text, bos=True, eos=True))
-    packed = data_lib.pack(ids, tc.seq_len, bos_id=tok.bos_id, pad_id=tok.pad_id, seed=tc.seed)
+    masks = None
+    if is_chat_data(tc.data):  # loss on the assistant's tokens only
+        ids, masks = encode_dialogs(tok, read_dialogs(tc.data))
+    else:
+        ids = data_lib.tokenize(data_lib.read_documents(tc.data), lambda text: tok.encode(text, bos=True, eos=True))
+    packed = data_lib.pack(ids, tc.seq_len, bos_id=tok.bos_id, pad_id=tok.pad_id, seed=tc.seed, masks=masks)
     return data_lib.split(packed, tc.eval_fraction, seed=tc.seed)
 
 

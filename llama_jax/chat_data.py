@@ -1,0 +1,69 @@
+"""Chat fine-tuning data: `.jsonl` records of `{"messages": [{"role", "content"}, ...]}` or
+`{"prompt", "completion"}`, encoded in the tokenizer's chat format with a loss mask over the assistant's tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from llama_jax.chat import encode_training_dialog
+from llama_jax.data import DataError, list_text_files
+
+
+def is_chat_data(path: str | Path) -> bool:
+    """Whether `path`'s first .jsonl record is a chat record (then every record must be)."""
+    for file in list_text_files(path):
+        if file.suffix == ".jsonl":
+            with file.open("rb") as f:
+                first = next((line for line in f if line.strip()), b"")
+            try:
+                record = json.loads(first or b"{}")
+            except ValueError:
+                return False
+            return isinstance(record, dict) and ("messages" in record or "completion" in record)
+    return False
+
+
+def read_dialogs(path: str | Path) -> list[tuple[str, list[dict]]]:
+    """(file:line, dialog) of every record under `path`; a bad record is a DataError naming its file and line."""
+    out = []
+    for file in list_text_files(path):
+        if file.suffix != ".jsonl":
+            raise DataError(f"{file}: chat data must be .jsonl records of messages (or prompt/completion)")
+        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            where = f"{file}:{number}"
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{where}: not valid JSON ({e})") from None
+            out.append((where, _dialog(record, where)))
+    if not out:
+        raise DataError(f"{path}: no chat records")
+    return out
+
+
+def _dialog(record, where: str) -> list[dict]:
+    if isinstance(record, dict) and isinstance(record.get("messages"), list):
+        return record["messages"]
+    if isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+        return [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["completion"]}]
+    raise DataError(f"{where}: expected {{\"messages\": [...]}} or {{\"prompt\": ..., \"completion\": ...}}")
+
+
+def encode_dialogs(tok, dialogs: list[tuple[str, list[dict]]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(ids, loss mask) per record; a record that trains on nothing is a DataError naming its file and line."""
+    ids, masks = [], []
+    for where, dialog in dialogs:
+        try:
+            record_ids, mask = encode_training_dialog(tok, dialog)
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from None
+        if not any(mask):
+            raise DataError(f"{where}: no assistant message, so nothing to train on")
+        ids.append(np.asarray(record_ids, np.int32))
+        masks.append(np.asarray(mask, bool))
+    return ids, masks
