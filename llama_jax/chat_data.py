@@ -1,9 +1,17 @@
 """Chat fine-tuning data: `.jsonl` records of `{"messages": [{"role", "content"}, ...]}` or
-`{"prompt", "completion"}`, encoded in the tokenizer's chat format with a loss mask over the assistant's tokens."""
+`{"prompt", "completion"}`, encoded in the tokenizer's chat format with a loss mask over the assistant's tokens.
+
+    python -m llama_jax.chat_data --pydoc-chat data/pydoc-chat.jsonl    # the demo's chat set, no download
+
+`--pydoc-chat FILE` writes one record per CPython pydoc topic: "What does the documentation say about TOPIC?"
+answered by the topic's first paragraph.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +75,35 @@ def encode_dialogs(tok, dialogs: list[tuple[str, list[dict]]]) -> tuple[list[np.
         ids.append(np.asarray(record_ids, np.int32))
         masks.append(np.asarray(mask, bool))
     return ids, masks
+
+
+def pydoc_chat() -> list[dict]:
+    """A question per pydoc topic, answered by the topic's first paragraph (at most 400 characters)."""
+    from llama_jax.data import pydoc_topics
+
+    records = []
+    for name, text in pydoc_topics().items():
+        paragraphs = [p.strip() for p in text.split("\n\n") if p.strip() and not set(p.strip()) <= set("*=-")]
+        if paragraphs:
+            answer = " ".join(paragraphs[min(1, len(paragraphs) - 1)].split())[:400]
+            records.append({"messages": [{"role": "user", "content": f"What does the documentation say about {name}?"},
+                                         {"role": "assistant", "content": answer}]})
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llama_jax.chat_data", description=__doc__.split("\n")[0])
+    p.add_argument("--pydoc-chat", required=True, metavar="FILE", help="write the pydoc chat set here (.jsonl)")
+    args = p.parse_args(argv)
+    path = Path(args.pydoc_chat)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = pydoc_chat()
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    tmp.replace(path)
+    print(f"wrote {len(records)} chat records to {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -101,3 +101,25 @@ def test_lora_flags_are_checked_before_anything_runs(tmp_path, corpus, base):
                           (["--init-from", str(base), "--base-dtype", "bfloat16"], "--base-dtype is for LoRA")):
         proc = run_cli(*data_flags(corpus), *extra, "--run-dir", str(tmp_path / "x"), "--no-progress")
         assert proc.returncode == 2 and needle in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+@pytest.mark.slow
+def test_readme_chat_example_in_miniature(tmp_path):
+    """The README's chat example with a few steps each: the demo model, the pydoc chat set, LoRA, then chat."""
+    import subprocess
+    import sys
+
+    from llama_jax.chat_data import main as chat_data_main
+    from test_train import ROOT
+
+    ok(run_cli("--demo", "--steps", "3", "--no-progress", cwd=tmp_path))
+    assert chat_data_main(["--pydoc-chat", str(tmp_path / "data" / "pydoc-chat.jsonl")]) == 0
+    proc = ok(run_cli("--init-from", "runs/demo", "--data", "data/pydoc-chat.jsonl", "--run-dir", "runs/demo-chat",
+                      "--lora-rank", "8", "--steps", "3", "--warmup-steps", "0", "--seq-len", "128",
+                      "--batch-size", "8", "--log-every", "1", cwd=tmp_path))
+    header = next(line for line in proc.stderr.splitlines() if line.startswith("model "))
+    assert "% of tokens in the loss" in header and "document masking" in header, header
+    chat = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--checkpoint", "runs/demo-chat", "--chat",
+                           "--prompt", "What does the documentation say about assert?", "--max-new-tokens", "4",
+                           "--temperature", "0"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert chat.returncode == 0 and "tokens/s" in chat.stderr, chat.stderr[-2000:]

@@ -131,9 +131,11 @@ class TrainConfig:
     def uses_document_mask(self) -> bool:
         if self.document_mask is not None:
             return self.document_mask
+        from llama_jax.chat_data import is_chat_data
         from llama_jax.dataset.store import is_prepared
 
-        return is_prepared(self.data)
+        # Packed chat records must not see each other; a prepared dataset knows its documents too.
+        return is_prepared(self.data) or is_chat_data(self.data)
 
     @property
     def mesh_shape(self) -> sh.MeshShape:
