@@ -70,6 +70,13 @@ def _put_rows(array, new, lead: tuple, index):
 CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
 
 
+def cache_bytes(config: LlamaConfig, batch: int, length: int, dtype=None) -> int:
+    """Bytes of a cache of `batch` rows of `length` slots: K and V of every layer (in `dtype`, default the compute
+    dtype), plus the positions."""
+    itemsize = jnp.dtype(dtype or config.compute_dtype).itemsize
+    return batch * length * (2 * config.n_layers * config.kv_heads * config.head_dim * itemsize + 4)
+
+
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=None, per_row_index: bool = False) -> KVCache:
     """An empty cache, laid out for `config.scan_layers` (stacked) or the unrolled layers (a tuple); with
     `per_row_index` each row keeps its own write index."""

@@ -20,13 +20,13 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from llama_jax import sharding as sh
 from llama_jax.inference import slots as dev
 from llama_jax.inference.generator import Generator, next_power_of_two
 from llama_jax.inference.requests import Request, RequestError, TokenLogprob
+from llama_jax.kv_cache import cache_bytes
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +41,6 @@ class QueueFull(RuntimeError):
 
 class EngineError(RuntimeError):
     """The engine cannot run as configured (e.g. the KV cache does not fit the device); one line."""
-
-
-def cache_bytes(config, slots: int, length: int) -> int:
-    """Bytes of a KV cache of `slots` rows of `length` tokens: K and V for every layer, plus the positions."""
-    per_token = 2 * config.n_layers * config.kv_heads * config.head_dim * jnp.dtype(config.compute_dtype).itemsize
-    return slots * length * (per_token + 4)
 
 
 def check_memory(config, slots: int, length: int, device=None) -> None:

@@ -32,6 +32,7 @@ from llama_jax.inference.engine import MAX_STOP_IDS, DecodeState, SamplingInputs
 from llama_jax.inference.weights import (Layout, decoding_config, decoding_params, is_packed, load_decoding_params,
                                          tensor_size, why_not_packed)
 from llama_jax.kernels import decode_compiler_options, select_ops
+from llama_jax.kv_cache import cache_bytes
 from llama_jax.sampling import GREEDY, SamplingParams
 
 
@@ -218,8 +219,7 @@ class Generator:
         stats = device.memory_stats()
         if not stats or "bytes_limit" not in stats:
             return
-        cfg = self.config
-        cache = 2 * cfg.n_layers * batch * cfg.kv_heads * cache_len * cfg.head_dim * jnp.dtype(self.kv_dtype).itemsize
+        cache = cache_bytes(self.config, batch, cache_len, self.kv_dtype)
         if self.mesh is not None:  # rows split over data, KV heads over tensor: each device holds its share
             cache //= self.mesh.shape["data"] * self.mesh.shape["tensor"]
         weights = sum(shard.data.nbytes for leaf in jax.tree.leaves(self.params) for shard in leaf.addressable_shards
