@@ -24,7 +24,7 @@ import numpy as np
 
 from llama_jax import sharding as sh
 from llama_jax.inference import slots as dev
-from llama_jax.inference.generator import Generator, next_power_of_two
+from llama_jax.inference.generator import Generator, compile_ahead, local_device, next_power_of_two
 from llama_jax.inference.requests import Request, RequestError, TokenLogprob
 from llama_jax.kv_cache import cache_bytes
 
@@ -70,7 +70,7 @@ class BatchingEngine:
         self.pad_id = generator.pad_id if pad_id is None else pad_id
         # Room for one chunk's padding beyond the context: a slot's padding takes cache slots too.
         self.cache_len = self.config.max_seq_len + self.max_chunk
-        check_memory(self.config, max_slots, self.cache_len)
+        check_memory(self.config, max_slots, self.cache_len, local_device(generator.mesh))
         with self._mesh():
             self.cache = dev.empty_cache(self.config, max_slots, self.cache_len)
         self.executables: dict[tuple, Any] = {}
@@ -286,14 +286,7 @@ class BatchingEngine:
         """The executable for `key`, compiled on first use with the Generator's compiler options."""
         if key not in self.executables:
             t0 = time.perf_counter()
-            with self._mesh():
-                lowered = fn.lower(*args, config=self.config, ops=self.gen.ops, **static)
-            options = self.gen.compiler_options
-            try:
-                self.executables[key] = lowered.compile(compiler_options=options)
-            except jax.errors.JaxRuntimeError:
-                if not options:
-                    raise
-                self.executables[key] = lowered.compile()  # a jaxlib without one of the options
+            self.executables[key], _ = compile_ahead(fn, args, dict(config=self.config, ops=self.gen.ops, **static),
+                                                     self.gen.mesh, self.gen.compiler_options)
             self.counters["compile_ms"] += int(1000 * (time.perf_counter() - t0))
         return self.executables[key]

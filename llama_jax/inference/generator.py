@@ -36,6 +36,26 @@ from llama_jax.kv_cache import cache_bytes
 from llama_jax.sampling import GREEDY, SamplingParams
 
 
+def compile_ahead(fn, args, static: dict, mesh, compiler_options: dict) -> tuple[Any, dict]:
+    """`fn` lowered for `args` (under the mesh's logical rules) and compiled with `compiler_options`; returns the
+    executable and the options it was compiled with (none, for a jaxlib that does not know one of them)."""
+    with sh.activate(mesh) if mesh is not None else contextlib.nullcontext():
+        lowered = fn.lower(*args, **static)
+    try:
+        return lowered.compile(compiler_options=compiler_options), compiler_options
+    except jax.errors.JaxRuntimeError as e:
+        if "No such compile option" not in str(e):
+            raise
+        return lowered.compile(), {}
+
+
+def local_device(mesh):
+    """The device whose memory a check reads: the first, or on a mesh the first of this process's own."""
+    if mesh is None:
+        return jax.devices()[0]
+    return next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
+
+
 class GenerationError(ValueError):
     """Generation inputs that cannot be served (empty batch, prompt too long, ...); the message says which."""
 
@@ -214,8 +234,7 @@ class Generator:
     def _check_memory(self, batch: int, cache_len: int) -> None:
         """A KV cache the device cannot hold next to the weights is a GenerationError before anything compiles
         (where JAX reports the device's memory; a CPU's it does not)."""
-        device = jax.devices()[0] if self.mesh is None else next(
-            d for d in self.mesh.devices.flat if d.process_index == jax.process_index())  # one of this process's
+        device = local_device(self.mesh)
         stats = device.memory_stats()
         if not stats or "bytes_limit" not in stats:
             return
@@ -250,15 +269,8 @@ class Generator:
         """The executable for `key`, compiled ahead of time on first use (so compile time is measured apart)."""
         if key not in self.executables:
             t0 = time.perf_counter()
-            with sh.activate(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-                lowered = fn.lower(*args, **static)
-            try:
-                self.executables[key] = lowered.compile(compiler_options=self.compiler_options)
-            except jax.errors.JaxRuntimeError as e:
-                if "No such compile option" not in str(e):
-                    raise
-                self.compiler_options = {}
-                self.executables[key] = lowered.compile()
+            self.executables[key], self.compiler_options = compile_ahead(fn, args, static, self.mesh,
+                                                                         self.compiler_options)
             self.compile_seconds += time.perf_counter() - t0
         return self.executables[key]
 
