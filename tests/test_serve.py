@@ -3,6 +3,7 @@
 logits have clear margins, and the real Llama 3 tokenizer."""
 
 import asyncio
+import contextlib
 import importlib.util
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 from hf_reference import random_meta_state
 from llama_jax.config import preset
 from llama_jax.meta_weights import params_from_meta
-from subprocess_env import free_port
+from subprocess_env import free_port, subprocess_env
 
 openai = pytest.importorskip("openai")
 
@@ -27,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "llama3" / "tokenizer.model"
 CONFIG = preset("tiny-llama3", vocab_size=128256, max_seq_len=256)
 KEY = "test-key"
-SLOTS, BUDGET = 4, 64  # prefill buckets 16, 32, 64
+SLOTS, BUDGET = 4, 64  # prefill buckets 16, 32, 48, 64
 
 
 @pytest.fixture(scope="module")
@@ -42,29 +43,35 @@ def model_dir(tmp_path_factory):
     return folder
 
 
+@contextlib.contextmanager
+def serving(model_dir, log_path: Path, *flags: str, env: dict | None = None):
+    """A serve.py process on a free port, up and answering /health; yields (process, url) and kills it after."""
+    port = free_port()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(model_dir), "--port",
+                                 str(port), *flags], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(300):
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.5)
+            yield proc, url
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    port = free_port()
-    log = (tmp_path_factory.mktemp("serve_log") / "server.log").open("w")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(model_dir), "--port",
-                             str(port), "--max-slots", str(SLOTS), "--max-queue", "40", "--prefill-budget",
-                             str(BUDGET), "--api-key", KEY, "--shutdown-timeout", "20"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(300):
-            assert proc.poll() is None, Path(log.name).read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.5)
-        yield proc, url
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        log.close()
+    with serving(model_dir, tmp_path_factory.mktemp("serve_log") / "server.log", "--max-slots", str(SLOTS),
+                 "--max-queue", "40", "--prefill-budget", str(BUDGET), "--api-key", KEY,
+                 "--shutdown-timeout", "20") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +101,8 @@ def post(server, path, body, key=KEY, **kw):
 def test_models_and_health(client, server):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     h = health(server)
-    # Decode steps (one token per call, and several) and 3 prefill buckets.
-    assert h["status"] == "ok" and h["slots"] == SLOTS and h["compiled"] == 5
+    # Decode steps (one token per call, and several) and 4 prefill buckets.
+    assert h["status"] == "ok" and h["slots"] == SLOTS and h["compiled"] == 6
 
 
 def test_greedy_completion_equals_generate_cli(client, model_dir, capsys):
@@ -202,8 +209,8 @@ def test_concurrent_requests_match_generator_alone(server, model_dir, tok):
     after = health(server)
     assert outs[-1].choices[0].text == alone.choices[0].text  # the seed decides, not the slot or the neighbours
     assert after["admitted_while_decoding"] > before.get("admitted_while_decoding", 0)
-    # A mixed load compiles nothing new: 2 decode programs, 3 prefill buckets and (echo) their all-logits variant.
-    assert after["compiled"] == before["compiled"] <= 2 + 2 * 3
+    # A mixed load compiles nothing new: 2 decode programs, 4 prefill buckets and (echo) their all-logits variant.
+    assert after["compiled"] == before["compiled"] <= 2 + 2 * 4
     params, config, _ = load_model(model_dir)
     gen = Generator(params, config, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
     for p, m, out in zip(prompts, max_tokens, outs):
@@ -290,8 +297,29 @@ def test_sigterm_finishes_running_requests_then_exits_0(server):
     assert proc.wait(timeout=30) == 0
 
 
+def test_server_on_a_tensor_mesh_matches_generator_on_one_device(model_dir, tok, tmp_path):
+    """--mesh-tensor 4 on 4 CPU devices: 2 KV heads repeated to 4, one per device; greedy text as one device's."""
+    from llama_jax.checkpoint import load_model
+    from llama_jax.generation import Generator, IncrementalDecoder
+
+    rng = np.random.default_rng(1)
+    prompts = [[tok.bos_id, *map(int, rng.integers(100, 100000, size=n - 1))] for n in (5, 40, 90)]
+    with serving(model_dir, tmp_path / "mesh.log", "--mesh-tensor", "4", "--max-slots", "2", "--prefill-budget",
+                 "32", "--no-warmup", env=subprocess_env(4)) as (_, url):
+        assert httpx.get(f"{url}/health").json()["devices"] == 4
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        outs = [client.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0) for p in prompts]
+    params, config, _ = load_model(model_dir)
+    gen = Generator(params, config, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    for p, out in zip(prompts, outs):
+        ref = gen.generate([p], max_new_tokens=8)
+        assert out.choices[0].text == IncrementalDecoder(tok).push(ref.tokens[0])
+        assert out.choices[0].finish_reason == ref.finish_reasons[0]
+
+
 def test_cache_that_does_not_fit_the_device_is_one_line_error():
-    from llama_jax.inference.batching import EngineError, cache_bytes, check_memory
+    from llama_jax.inference.batching import EngineError, check_memory
+    from llama_jax.kv_cache import cache_bytes
 
     class Device:  # what an accelerator's memory_stats() reports (a CPU reports None: nothing is checked)
         def __init__(self, free):
@@ -301,7 +329,7 @@ def test_cache_that_does_not_fit_the_device_is_one_line_error():
             return None if self.free is None else {"bytes_limit": self.free + 100, "bytes_in_use": 100}
 
     need = cache_bytes(CONFIG, 8, 256)
-    check_memory(CONFIG, 8, 256, Device(None))
-    check_memory(CONFIG, 8, 256, Device(need))
+    check_memory(need, 8, 256, Device(None))
+    check_memory(need, 8, 256, Device(need))
     with pytest.raises(EngineError, match=r"^the KV cache for 8 slots x 256 tokens needs .* GiB free: lower"):
-        check_memory(CONFIG, 8, 256, Device(need - 1))
+        check_memory(need, 8, 256, Device(need - 1))

@@ -26,11 +26,10 @@ from llama_jax import sharding as sh
 from llama_jax.inference import slots as dev
 from llama_jax.inference.generator import Generator, compile_ahead, local_device, next_power_of_two
 from llama_jax.inference.requests import Request, RequestError, TokenLogprob
-from llama_jax.kv_cache import cache_bytes
 
 log = logging.getLogger(__name__)
 
-MIN_CHUNK = 16  # the smallest prefill bucket: shorter prompts are padded to it
+MIN_CHUNK = 16  # the smallest step between prefill buckets: shorter prompts are padded to it
 # Decode steps per call while no prompt is waiting: a round trip to the host every few tokens, not every token.
 MULTI_STEPS = 4
 
@@ -43,16 +42,16 @@ class EngineError(RuntimeError):
     """The engine cannot run as configured (e.g. the KV cache does not fit the device); one line."""
 
 
-def check_memory(config, slots: int, length: int, device=None) -> None:
-    """Raises EngineError when the cache cannot fit in what the device has left (no check where the device does
-    not report its memory, as on a CPU)."""
-    stats = (device or jax.devices()[0]).memory_stats()
+def check_memory(need: int, slots: int, length: int, device) -> None:
+    """Raises EngineError when a device's `need` bytes of the cache for `slots` x `length` do not fit in what it has
+    left (no check where the device does not report its memory, as on a CPU)."""
+    stats = device.memory_stats()
     if not stats or "bytes_limit" not in stats:
         return
-    need, free = cache_bytes(config, slots, length), stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     if need > free:
-        raise EngineError(f"the KV cache for {slots} slots x {length} tokens needs {need / 2**30:.1f} GiB but the "
-                          f"device has {free / 2**30:.1f} GiB free: lower --max-slots or --max-seq-len")
+        raise EngineError(f"the KV cache for {slots} slots x {length} tokens needs {need / 2**30:.1f} GiB per "
+                          f"device but the device has {free / 2**30:.1f} GiB free: lower --max-slots or --max-seq-len")
 
 
 class BatchingEngine:
@@ -66,13 +65,17 @@ class BatchingEngine:
         self.max_slots, self.max_queue = max_slots, max_queue
         self.max_chunk = next_power_of_two(max(prefill_budget, MIN_CHUNK))
         self.prefill_budget = prefill_budget
-        self.buckets = [1 << i for i in range(MIN_CHUNK.bit_length() - 1, self.max_chunk.bit_length())]
+        # Chunk buckets in steps of 1/8 of the largest: a prompt's last chunk wastes less than a step on padding
+        # (powers of two wasted a quarter of the prefill work on a spread of prompt lengths); earlier chunks are
+        # whole steps and need none.
+        self.chunk_step = max(MIN_CHUNK, self.max_chunk // 8)
+        self.buckets = list(range(self.chunk_step, self.max_chunk + 1, self.chunk_step))
         self.pad_id = generator.pad_id if pad_id is None else pad_id
-        # Room for one chunk's padding beyond the context: a slot's padding takes cache slots too.
-        self.cache_len = self.config.max_seq_len + self.max_chunk
-        check_memory(self.config, max_slots, self.cache_len, local_device(generator.mesh))
-        with self._mesh():
-            self.cache = dev.empty_cache(self.config, max_slots, self.cache_len)
+        # Room for the last chunk's padding beyond the context: a slot's padding takes cache slots too.
+        self.cache_len = self.config.max_seq_len + self.chunk_step
+        check_memory(generator.cache_bytes_per_device(max_slots, self.cache_len), max_slots, self.cache_len,
+                     local_device(generator.mesh))
+        self.cache = self._empty_cache()
         self.executables: dict[tuple, Any] = {}
         self.slots: list[Request | None] = [None] * max_slots
         self.index = np.zeros(max_slots, np.int32)  # each slot's next free cache slot
@@ -108,7 +111,8 @@ class BatchingEngine:
     def stats(self) -> dict[str, Any]:
         with self.lock:
             return dict(slots=self.max_slots, busy=sum(s is not None for s in self.slots), queued=len(self.waiting),
-                        compiled=len(self.executables), **self.counters)
+                        compiled=len(self.executables), devices=1 if self.gen.mesh is None else self.gen.mesh.size,
+                        **self.counters)
 
     def start(self) -> "BatchingEngine":
         self.thread = threading.Thread(target=self._loop, name="batching-engine", daemon=True)
@@ -155,8 +159,7 @@ class BatchingEngine:
                 if r is not None:
                     r.fail(f"generation failed: {type(e).__name__}: {e}")
                     self.slots[i] = None
-            with self._mesh():
-                self.cache = dev.empty_cache(self.config, self.max_slots, self.cache_len)
+            self.cache = self._empty_cache()
         self.counters["steps"] += 1
         return True
 
@@ -181,14 +184,19 @@ class BatchingEngine:
                            key=lambda item: item[1].submitted_at):
             if budget <= 0:
                 break
-            n = min(len(r.prompt) - r.filled, budget, self.max_chunk)
+            left = len(r.prompt) - r.filled
+            n = min(left, budget, self.max_chunk)
+            if n < left:  # not the prompt's last chunk: whole steps only, so that only the last one is padded
+                n -= n % self.chunk_step
+                if not n:
+                    break
             budget -= n
             if r.filled == 0 and any(self._decoding(j) and self.slots[j].generated for j in range(self.max_slots)):
                 self.counters["admitted_while_decoding"] += 1
             self._prefill_one(i, r, n)
 
     def _prefill_one(self, i: int, r: Request, n: int) -> None:
-        size = max(MIN_CHUNK, next_power_of_two(n))
+        size = -(-n // self.chunk_step) * self.chunk_step
         pad = size - n
         start, stop = r.filled, r.filled + n
         tokens = np.full(size, self.pad_id, np.int32)
@@ -268,6 +276,10 @@ class BatchingEngine:
             want_top=np.bool_(any(r is not None and r.params.logprobs for r in requests)))
 
     # -- compiled functions
+
+    def _empty_cache(self):
+        with self._mesh():
+            return dev.empty_cache(self.config, self.max_slots, self.cache_len, self.gen.kv_dtype)
 
     def _mesh(self):
         return sh.activate(self.gen.mesh) if self.gen.mesh is not None else contextlib.nullcontext()

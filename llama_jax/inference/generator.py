@@ -231,6 +231,13 @@ class Generator:
         run = self._compiled(key, engine.prefill, args, static)
         return run(*args), max_new, inputs
 
+    def cache_bytes_per_device(self, batch: int, cache_len: int) -> int:
+        """What one device holds of a KV cache of `batch` rows x `cache_len` slots in this Generator's layout."""
+        cache = cache_bytes(self.config, batch, cache_len, self.kv_dtype)
+        if self.mesh is not None:  # rows split over data, KV heads over tensor: each device holds its share
+            cache //= self.mesh.shape["data"] * self.mesh.shape["tensor"]
+        return cache
+
     def _check_memory(self, batch: int, cache_len: int) -> None:
         """A KV cache the device cannot hold next to the weights is a GenerationError before anything compiles
         (where JAX reports the device's memory; a CPU's it does not)."""
@@ -238,9 +245,7 @@ class Generator:
         stats = device.memory_stats()
         if not stats or "bytes_limit" not in stats:
             return
-        cache = cache_bytes(self.config, batch, cache_len, self.kv_dtype)
-        if self.mesh is not None:  # rows split over data, KV heads over tensor: each device holds its share
-            cache //= self.mesh.shape["data"] * self.mesh.shape["tensor"]
+        cache = self.cache_bytes_per_device(batch, cache_len)
         weights = sum(shard.data.nbytes for leaf in jax.tree.leaves(self.params) for shard in leaf.addressable_shards
                       if shard.device == device)
         limit, in_use = stats["bytes_limit"], stats.get("bytes_in_use", weights)

@@ -56,9 +56,9 @@ def _sample(logits, s: SlotSampling) -> Sampled:
     return Sampled(ids, *token_logprobs(logits, ids, s.want_top))
 
 
-@partial(jax.jit, static_argnums=(0, 1, 2))
-def empty_cache(config: LlamaConfig, slots: int, length: int) -> KVCache:
-    return init_cache(config, slots, length, per_row_index=True)
+@partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def empty_cache(config: LlamaConfig, slots: int, length: int, dtype: str | None = None) -> KVCache:
+    return init_cache(config, slots, length, dtype, per_row_index=True)
 
 
 @partial(jax.jit, static_argnames=("config", "ops", "steps"), donate_argnames=("cache",))
@@ -114,8 +114,6 @@ def prefill_chunk(params, cache: KVCache, slot, tokens, positions, targets, inde
         logits, row = forward(params, tokens, positions, row, config=config, ops=ops)
         prompt = token_logprobs(logits[0], targets, jnp.bool_(True))
     else:
-        # Only the last position's logits are needed: XLA then drops the head's product for the others.
-        _, row = forward(params, tokens[:, :-1], positions[:, :-1], row, config=config, ops=ops)
-        logits, row = forward(params, tokens[:, -1:], positions[:, -1:], row, config=config, ops=ops)
+        logits, row = forward(params, tokens, positions, row, config=config, ops=ops, last_only=True)
     cache = _rows(lambda axis, a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis), cache, row)
     return cache, _sample(logits[:, -1], sampling), prompt
