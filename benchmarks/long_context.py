@@ -21,6 +21,20 @@ Llama 3 tokenizer, built with llama_jax.checkpoint.save_model):
 
     /usr/bin/time -v python generate.py --checkpoint /tmp/long-model --prompts-file /tmp/prompt-32k.txt \\
         --max-new-tokens 8 --temperature 0
+
+On a GPU, --gpu times long prompts for the --gpu-preset shape (llama3.1-8b by default; bf16 random weights,
+batch 1) at --gpu-lengths tokens (8k, 32k, 128k): time to first token through the Generator (generate() with one
+new token, the bucket compiled by a first call, best of --rounds) next to Hugging Face on the same GPU (SDPA
+attention, one forward of the prompt with its cache and the argmax of the last logits; run first, in a child
+process, so that each side has the GPU's memory to itself). It prints one markdown table (length, our TTFT and
+prefill tokens/s, HF's, ours/HF as a speed ratio; "oom" where a side runs out of memory), then batch-1 decode
+over a full cache (a prompt of the longest length less --decode-new-tokens) against its bound, HBM bandwidth
+(--hbm-tbps, H200 4.8 TB/s) over the bytes one step reads (the weights and the KV cache), and the versions.
+Elsewhere it runs the same on the CPU with a warning (a dry run with small settings, as below).
+
+    python benchmarks/long_context.py --gpu
+    python benchmarks/long_context.py --gpu --gpu-preset tiny-llama3 --gpu-lengths 256 512 --decode-new-tokens 8 \\
+        --rounds 1
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # hf_reference: the HF config of our shapes, as the tests build it
 
 GIB = 2 ** 30
 SMALL = dict(dim=256, n_layers=2, n_heads=8, vocab_size=128256, multiple_of=256, rope_theta=500000.0,
@@ -44,13 +59,29 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--memory-lengths", nargs="+", type=int, default=[8192, 32768, 131072])
     p.add_argument("--lengths", nargs="+", type=int, default=[1024, 2048, 4096, 8192, 16384])
-    p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step (also --gpu)")
     p.add_argument("--einsum-max", type=int, default=4096, help="longest prompt for the einsum reference column")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--scan-layers", action="store_true", help="table 1 with the layers under nn.scan")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-time", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--gpu", action="store_true", help="GPU mode: time to first token against HF, decode over a full "
+                   "cache (see above); replaces the CPU tables")
+    p.add_argument("--gpu-preset", default="llama3.1-8b", help="with --gpu: the shape to use")
+    p.add_argument("--gpu-lengths", nargs="+", type=int, default=[8192, 32768, 131072],
+                   help="with --gpu: prompt lengths")
+    p.add_argument("--decode-new-tokens", type=int, default=64,
+                   help="with --gpu: new tokens of the decode run, whose prompt is the longest length less these")
+    p.add_argument("--hbm-tbps", type=float, default=4.8, help="with --gpu: memory bandwidth in TB/s (H200)")
+    p.add_argument("--no-peer", action="store_true", help="with --gpu: skip the HF peer")
+    p.add_argument("--gpu-peer", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.gpu or args.gpu_peer:
+        if args.decode_new_tokens < 2:
+            p.error("--decode-new-tokens must be >= 2 (the decode rate counts the tokens after the first)")
+        if min(args.gpu_lengths) < 1 or max(args.gpu_lengths) <= args.decode_new_tokens:
+            p.error("--gpu-lengths must be positive, and the longest must exceed --decode-new-tokens")
+    return args
 
 
 def _prefill_args(config, batch: int, prompt: int, abstract: bool):
@@ -190,8 +221,177 @@ def decode_table(lengths: list[int], rounds: int) -> None:
             print(f"{length:>8} {full:>6.0%} {row[0]:>10.3f} {row[1]:>10.3f}")
 
 
+def gpu_config(args):
+    """The --gpu shape in bf16 with room for the longest prompt and the decode run's new tokens."""
+    from benchmarks.generate import gpu_config as shape
+
+    return shape(argparse.Namespace(gpu_preset=args.gpu_preset, prompt_len=max(args.gpu_lengths),
+                                    new_tokens=args.decode_new_tokens))
+
+
+def torch_gpu_peer(args) -> None:
+    """--gpu-peer (a child process of --gpu): HF's time to first token on the GPU, bf16, SDPA attention: one forward
+    of each prompt with its cache, then the argmax of the last logits; prints "PEER <length> <seconds>" (best of
+    --rounds) or "PEER <length> oom" for the parent."""
+    import inspect
+
+    import numpy as np
+    import torch
+    import transformers
+
+    from hf_reference import hf_config
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # noqa: E731 - CPU dry runs
+    hf = hf_config(gpu_config(args))
+    hf._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(hf).eval()
+    # Only the last position's logits: for a 128k prompt all of them would take 128k x vocab.
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    print(f"NOTE torch {torch.__version__}, transformers {transformers.__version__}, "
+          f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}"
+          + ("" if keep else ", no logits_to_keep: every position's logits"), flush=True)
+
+    def first_token(ids):
+        return model(ids, use_cache=True, **keep).logits[:, -1].argmax(-1)
+
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        for i, length in enumerate(args.gpu_lengths):
+            ids = torch.as_tensor(rng.integers(3, hf.vocab_size, (1, length)), device=device)
+            best = float("inf")
+            try:
+                if i == 0:
+                    first_token(ids)  # lazy initialisation
+                for _ in range(args.rounds):
+                    sync()
+                    t = time.perf_counter()
+                    first_token(ids)
+                    sync()
+                    best = min(best, time.perf_counter() - t)
+            except torch.cuda.OutOfMemoryError:
+                best = None
+            if best is None:  # outside the except block, so the failed forward's tensors are released
+                torch.cuda.empty_cache()
+            print(f"PEER {length} {'oom' if best is None else best}", flush=True)
+
+
+def run_gpu_peer(args) -> tuple[dict[int, float | None], str]:
+    """The peer in a child process, before JAX takes the GPU's memory (its allocator keeps what it reserves);
+    seconds per length (None: out of memory) and its notes."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--gpu-peer", "--gpu-preset", args.gpu_preset,
+           "--gpu-lengths", *map(str, args.gpu_lengths), "--decode-new-tokens", str(args.decode_new_tokens),
+           "--rounds", str(args.rounds)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = {int(line.split()[1]): None if line.split()[2] == "oom" else float(line.split()[2])
+               for line in proc.stdout.splitlines() if line.startswith("PEER ")}
+    notes = [line[5:] for line in proc.stdout.splitlines() if line.startswith("NOTE ")]
+    if proc.returncode != 0:
+        notes.append("failed: " + (proc.stderr.strip().splitlines() or ["no output"])[-1])
+    return seconds, "; ".join(notes)
+
+
+def _out_of_memory(run):
+    """run()'s result, or None where the Generator's cache check or XLA finds too little device memory."""
+    import jax
+
+    from llama_jax.generation import GenerationError
+
+    try:
+        return run()
+    except GenerationError as e:
+        print(f"  {e}", flush=True)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(f"  {str(e).splitlines()[0]}", flush=True)
+    return None
+
+
+def gpu_table(args) -> None:
+    peer, peer_note = ({}, "not run") if args.no_peer else run_gpu_peer(args)
+    import jax
+    import numpy as np
+
+    from llama_jax.generation import Generator
+    from llama_jax.kv_cache import cache_bytes
+    from llama_jax.model import init_params
+
+    config = gpu_config(args)
+    device = jax.devices()[0]
+    print(f"jax {jax.__version__} on {device.device_kind} ({device.platform}); {args.gpu_preset} shape, bf16 random "
+          f"weights, batch 1, greedy, prefill chunk {args.prefill_chunk}, best of {args.rounds}", flush=True)
+    if device.platform != "gpu":
+        print("warning: not a GPU; the times and the bandwidth bound below say nothing about one", flush=True)
+    gen = Generator(init_params(config, jax.random.key(0)), config, prefill_chunk=args.prefill_chunk)
+    rng = np.random.default_rng(0)
+
+    def first_token(prompt):
+        compile_s = gen.generate(prompt, max_new_tokens=1).compile_seconds  # compiles this bucket
+        best = float("inf")
+        for _ in range(args.rounds):
+            t0 = time.perf_counter()
+            gen.generate(prompt, max_new_tokens=1)
+            best = min(best, time.perf_counter() - t0)
+        return best, compile_s
+
+    rows = []
+    for length in args.gpu_lengths:
+        ours = _out_of_memory(lambda: first_token(rng.integers(3, config.vocab_size, (1, length)).tolist()))
+        rows.append((length, None if ours is None else ours[0], peer.get(length)))
+        print(f"{length} tokens: ours {'oom' if ours is None else f'{ours[0]:.3f} s (compile {ours[1]:.1f} s)'}",
+              flush=True)
+
+    def cell(seconds, length):
+        return ("oom", "oom") if seconds is None else (f"{seconds:.3f}", f"{length / seconds:,.0f}")
+
+    print()
+    print("| prompt tokens | our TTFT (s) | our prefill tok/s | HF TTFT (s) | HF prefill tok/s | ours / HF |")
+    print("|---|---|---|---|---|---|")
+    for length, ours, hf in rows:
+        if args.no_peer or length not in peer:  # not run, or the peer failed before this length
+            theirs, ratio = ("—", "—"), "—"
+        else:
+            theirs = cell(hf, length)
+            ratio = "—" if ours is None or hf is None else f"**{hf / ours:.2f}x**"
+        print(f"| {length} | {' | '.join(cell(ours, length))} | {' | '.join(theirs)} | {ratio} |")
+
+    # Each decode step reads every weight and the filled part of the cache once: with the cache full at the end,
+    # their bytes over the bandwidth bound batch 1's rate.
+    longest, new = max(args.gpu_lengths), args.decode_new_tokens
+    prompt = rng.integers(3, config.vocab_size, (1, longest - new)).tolist()
+    # The first call compiles; generate() reports its times without compilation.
+    runs = _out_of_memory(lambda: [gen.generate(prompt, max_new_tokens=new) for _ in range(args.rounds)])
+    weights = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(gen.params))
+    kv = cache_bytes(config, 1, longest, gen.kv_dtype)
+    bound = args.hbm_tbps * 1e12 / (weights + kv)
+    print()
+    head = f"decode, batch 1, {longest - new}-token prompt + {new} new tokens ({longest} in the cache at the end): "
+    foot = (f"bound {bound:.1f} tok/s = {args.hbm_tbps} TB/s / (weights {weights / 1e9:.2f} GB + KV cache "
+            f"{kv / 1e9:.2f} GB)")
+    if runs is None:
+        print(head + f"oom; {foot}")
+    else:
+        assert all(r.steps == new for r in runs), "generation stopped early"
+        best = min(r.decode_seconds for r in runs)
+        rate = (new - 1) / best
+        print(head + f"{rate:.1f} tok/s, {rate / bound:.0%} of the {foot}")
+    print(f"versions: jax {jax.__version__}, {device.device_kind}; HF peer: {peer_note}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.gpu_peer:
+        torch_gpu_peer(args)
+        return 0
+    if args.gpu:
+        gpu_table(args)
+        return 0
     import jax
 
     print(f"jax {jax.__version__}, {jax.default_backend()}")
