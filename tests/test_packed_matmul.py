@@ -40,6 +40,9 @@ def test_kernel_builds_where_a_compiler_exists():
     (9, 4096, 1024),  # row blocks of 8 (the least) for K=4096, many strips per chunk, the thread pool
     (1, 4096, 4096),  # one row, 16M weights: every thread of the pool
     (3, 0, 16),  # an empty sum is zeros
+    (16, 64, 24),  # prompt rows: strips in pairs, and an odd strip left over
+    (23, 100, 40),  # pairs of strips over a tail of rows
+    (300, 768, 2048),  # a prompt chunk of small-100m's MLP, on the thread pool
 ])
 def test_matmul_matches_numpy(m, k, n):
     rng = np.random.default_rng(m * k + n)

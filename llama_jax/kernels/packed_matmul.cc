@@ -37,11 +37,54 @@ using StripFn = void (*)(const float*, int64_t, const float*, float*, int64_t);
 constexpr StripFn kStrips[9] = {nullptr, Strip<1>, Strip<2>, Strip<3>, Strip<4>,
                                 Strip<5>, Strip<6>, Strip<7>, Strip<8>};
 
+// R rows of x times two adjacent strips (16 columns) as one 16-wide vector. With many rows (a prompt) the
+// one-strip form above is bound by loading and broadcasting x, not by reading the weights: two strips per value
+// of x halve that work, and on AVX-512 each product is one instruction.
+typedef float Vec16 __attribute__((vector_size(64)));
+
+template <int R>
+void StripPair(const float* x, int64_t K, const float* strip, float* y, int64_t N) {
+  Vec16 acc[R] = {};
+  const float* next = strip + K * 8;
+  for (int64_t k = 0; k < K; ++k) {
+    Vec8 w0, w1;
+    std::memcpy(&w0, strip + k * 8, sizeof(w0));
+    std::memcpy(&w1, next + k * 8, sizeof(w1));
+#if defined(__clang__) || __GNUC__ >= 12
+    Vec16 w = __builtin_shufflevector(w0, w1, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+    Vec16 w = {w0[0], w0[1], w0[2], w0[3], w0[4], w0[5], w0[6], w0[7],
+               w1[0], w1[1], w1[2], w1[3], w1[4], w1[5], w1[6], w1[7]};
+#endif
+    for (int r = 0; r < R; ++r) acc[r] += x[r * K + k] * w;
+  }
+  for (int r = 0; r < R; ++r) std::memcpy(y + r * N, &acc[r], sizeof(Vec16));
+}
+
+// Accumulators that fit the registers beside the strips' vector: 32 with AVX-512, 16 with AVX2 (two per Vec16).
+#ifdef __AVX512F__
+constexpr int kPairRows = 8;
+#else
+constexpr int kPairRows = 6;
+#endif
+constexpr StripFn kStripPairs[] = {nullptr, StripPair<1>, StripPair<2>, StripPair<3>, StripPair<4>,
+                                   StripPair<5>, StripPair<6>, StripPair<7>, StripPair<8>};
+// From this many rows of x on, strips go in pairs (a decode step's few rows stream the weights either way).
+constexpr int64_t kPairFromRows = 16;
+
 // Rows [m0, m1) of x against strips [s0, s1): each strip is read from memory once per block of rows and
-// reused from cache for each group of 8 rows in it.
-void Block(const float* x, int64_t K, const float* packed, float* y, int64_t N, int64_t m0, int64_t m1,
-           int64_t s0, int64_t s1) {
-  for (int64_t s = s0; s < s1; ++s) {
+// reused from cache for each group of rows in it.
+void Block(const float* x, int64_t K, const float* packed, float* y, int64_t N, int64_t M, int64_t m0,
+           int64_t m1, int64_t s0, int64_t s1) {
+  int64_t s = s0;
+  if (M >= kPairFromRows) {
+    for (; s + 1 < s1; s += 2) {
+      for (int64_t m = m0; m < m1; m += kPairRows) {
+        kStripPairs[std::min<int64_t>(kPairRows, m1 - m)](x + m * K, K, packed + s * K * 8, y + m * N + s * 8, N);
+      }
+    }
+  }
+  for (; s < s1; ++s) {
     for (int64_t m = m0; m < m1; m += 8) {
       kStrips[std::min<int64_t>(8, m1 - m)](x + m * K, K, packed + s * K * 8, y + m * N + s * 8, N);
     }
@@ -65,7 +108,7 @@ struct Work {
   void Run() {
     for (int64_t i; (i = next.fetch_add(1)) < items();) {
       int64_t m0 = i / chunks() * rows, s0 = i % chunks() * chunk;
-      Block(x, K, packed, y, N, m0, std::min(M, m0 + rows), s0, std::min(strips, s0 + chunk));
+      Block(x, K, packed, y, N, M, m0, std::min(M, m0 + rows), s0, std::min(strips, s0 + chunk));
       finished.fetch_add(1, std::memory_order_release);
     }
   }
