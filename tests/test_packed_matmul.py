@@ -42,6 +42,7 @@ def test_kernel_builds_where_a_compiler_exists():
     (3, 0, 16),  # an empty sum is zeros
     (16, 64, 24),  # prompt rows: strips in pairs, and an odd strip left over
     (23, 100, 40),  # pairs of strips over a tail of rows
+    (40, 600, 24),  # pairs over panels of k (256, 256, 88) and a strip left over
     (300, 768, 2048),  # a prompt chunk of small-100m's MLP, on the thread pool
 ])
 def test_matmul_matches_numpy(m, k, n):

@@ -43,10 +43,13 @@ constexpr StripFn kStrips[9] = {nullptr, Strip<1>, Strip<2>, Strip<3>, Strip<4>,
 typedef float Vec16 __attribute__((vector_size(64)));
 
 template <int R>
-void StripPair(const float* x, int64_t K, const float* strip, float* y, int64_t N) {
+void StripPair(const float* x, int64_t K, int64_t k0, int64_t k1, const float* strip, float* y, int64_t N) {
   Vec16 acc[R] = {};
+  if (k0 > 0) {  // a later panel of k: carry on from the sums so far (the same order of additions as one pass)
+    for (int r = 0; r < R; ++r) std::memcpy(&acc[r], y + r * N, sizeof(Vec16));
+  }
   const float* next = strip + K * 8;
-  for (int64_t k = 0; k < K; ++k) {
+  for (int64_t k = k0; k < k1; ++k) {
     Vec8 w0, w1;
     std::memcpy(&w0, strip + k * 8, sizeof(w0));
     std::memcpy(&w1, next + k * 8, sizeof(w1));
@@ -67,10 +70,14 @@ constexpr int kPairRows = 8;
 #else
 constexpr int kPairRows = 6;
 #endif
-constexpr StripFn kStripPairs[] = {nullptr, StripPair<1>, StripPair<2>, StripPair<3>, StripPair<4>,
-                                   StripPair<5>, StripPair<6>, StripPair<7>, StripPair<8>};
+using PairFn = void (*)(const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t);
+constexpr PairFn kStripPairs[] = {nullptr, StripPair<1>, StripPair<2>, StripPair<3>, StripPair<4>,
+                                  StripPair<5>, StripPair<6>, StripPair<7>, StripPair<8>};
 // From this many rows of x on, strips go in pairs (a decode step's few rows stream the weights either way).
 constexpr int64_t kPairFromRows = 16;
+// Paired strips run over k in panels of this many: a panel of two strips (16 KiB) stays in L1 while every row
+// of the block passes, so the weights are read from memory once per block of rows, not once per 8 rows.
+constexpr int64_t kPanel = 256;
 
 // Rows [m0, m1) of x against strips [s0, s1): each strip is read from memory once per block of rows and
 // reused from cache for each group of rows in it.
@@ -78,11 +85,16 @@ void Block(const float* x, int64_t K, const float* packed, float* y, int64_t N, 
            int64_t m1, int64_t s0, int64_t s1) {
   int64_t s = s0;
   if (M >= kPairFromRows) {
-    for (; s + 1 < s1; s += 2) {
-      for (int64_t m = m0; m < m1; m += kPairRows) {
-        kStripPairs[std::min<int64_t>(kPairRows, m1 - m)](x + m * K, K, packed + s * K * 8, y + m * N + s * 8, N);
+    int64_t pairs_end = s0 + (s1 - s0) / 2 * 2;
+    for (int64_t k0 = 0; k0 < K; k0 += kPanel) {
+      for (s = s0; s < pairs_end; s += 2) {
+        for (int64_t m = m0; m < m1; m += kPairRows) {
+          kStripPairs[std::min<int64_t>(kPairRows, m1 - m)](x + m * K, K, k0, std::min(K, k0 + kPanel),
+                                                            packed + s * K * 8, y + m * N + s * 8, N);
+        }
       }
     }
+    s = pairs_end;
   }
   for (; s < s1; ++s) {
     for (int64_t m = m0; m < m1; m += 8) {
@@ -93,7 +105,7 @@ void Block(const float* x, int64_t K, const float* packed, float* y, int64_t N, 
 
 // Work items (a block of rows x a chunk of strips) handed out by an atomic counter, so a helper thread that
 // starts late (or never) only means the others take more items; the caller returns once every claimed item
-// is finished. Rows are blocked so that a block of x (~128 KiB) stays in L2 while the strips stream past.
+// is finished.
 struct Work {
   const float* x;
   const float* packed;
@@ -139,7 +151,9 @@ ffi::Error PackedMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   int64_t threads = std::clamp<int64_t>(values / kValuesPerThread, 1, std::max<int64_t>(1, pool.num_threads()));
   // A few chunks per thread evens out uneven progress; more would only add counter traffic.
   work->chunk = std::max<int64_t>(1, work->strips / (4 * threads));
-  work->rows = std::max<int64_t>(8, (128 * 1024 / (4 * work->K)) / 8 * 8);
+  // Rows per block: a block of x (~128 KiB; for paired strips, one panel of k of it) stays in L2.
+  int64_t row_width = work->M >= kPairFromRows ? std::min(work->K, kPanel) : work->K;
+  work->rows = std::max<int64_t>(8, (128 * 1024 / (4 * row_width)) / 8 * 8);
   for (int64_t t = 1; t < std::min(threads, work->items()); ++t) pool.Schedule([work] { work->Run(); });
   work->Run();
   while (work->finished.load(std::memory_order_acquire) < work->items()) std::this_thread::yield();
