@@ -9,6 +9,7 @@ Requests: random token-id prompts of --min-prompt..--max-prompt tokens, greedy o
 - Poisson arrivals at --rate requests/s: time to first token and inter-token latency, p50 and p90.
 The server runs in a child process (compiled at start-up); the static batches run here, up to --max-slots rows
 through Generator.stream, the next batch starting when the previous one ends, with compilation time excluded.
+A third row drives the server's engine here, without HTTP, on the saturation load: what the engine itself does.
 """
 
 from __future__ import annotations
@@ -176,13 +177,38 @@ def static_run(gen, requests, delays, slots: int, work=None) -> tuple[float, lis
     return clock(), results
 
 
-def run_static(args, model_dir: Path, saturation, poisson, delays) -> list[dict]:
-    from llama_jax.checkpoint import TOKENIZER_FILE
-    from llama_jax.generation import Generator
-    from llama_jax.tokenizer import load_tokenizer
+def run_engine(args, gen, tok, saturation) -> dict:
+    """The server's engine driven here, without HTTP: the saturation load's throughput (its TTFT is not timed)."""
+    import threading
 
-    tok = load_tokenizer(model_dir / TOKENIZER_FILE)
-    gen = Generator.from_checkpoint(model_dir, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    from llama_jax.inference.batching import BatchingEngine
+    from llama_jax.inference.requests import Request, RequestParams
+
+    engine = BatchingEngine(gen, max_slots=args.max_slots, max_queue=len(saturation),
+                            prefill_budget=args.prefill_budget)
+    engine.warmup()
+    finished, tokens, lock, done = [0], [0], threading.Lock(), threading.Event()
+
+    def on_update(update) -> None:
+        if update.final:
+            with lock:
+                finished[0] += 1
+                tokens[0] += update.completion_tokens
+                if finished[0] == len(saturation):
+                    done.set()
+
+    t0 = time.perf_counter()
+    for prompt, max_tokens in saturation:
+        engine.submit(Request(prompt, RequestParams(max_tokens=max_tokens, temperature=0), on_update, tok,
+                              tok.stop_ids))
+    engine.start()
+    done.wait()
+    seconds = time.perf_counter() - t0
+    engine.stop()
+    return summary("the same engine in-process (no HTTP)", tokens[0], seconds, [], [])
+
+
+def run_static(args, gen, saturation, poisson, delays) -> list[dict]:
     work: dict[str, int] = {}
     seconds, results = static_run(gen, saturation, [0.0] * len(saturation), args.max_slots, work)
     tokens = latencies(results)[2]
@@ -219,16 +245,25 @@ def main(argv=None) -> int:
         poisson = make_requests(args, args.poisson_requests or args.requests, vocab, args.seed + 1)
         delays = arrivals(len(poisson), args.rate, args.seed + 2)
         rows = run_server(args, model_dir, saturation, poisson, delays)
-        rows += run_static(args, model_dir, saturation, poisson, delays)
+        from llama_jax.checkpoint import TOKENIZER_FILE
+        from llama_jax.generation import Generator
+        from llama_jax.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(model_dir / TOKENIZER_FILE)
+        gen = Generator.from_checkpoint(model_dir, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+        rows += run_static(args, gen, saturation, poisson, delays)
+        rows.append(run_engine(args, gen, tok, saturation))
     print(f"{len(saturation)} requests at once (saturation), {len(poisson)} at {args.rate}/s (Poisson); prompts "
           f"{args.min_prompt}-{args.max_prompt} tokens, outputs {args.min_output}-{args.max_output}, greedy; "
           f"{args.max_slots} slots; {os.cpu_count()} CPUs")
     print("| system | output tokens/s (saturation) | TTFT p50 / p90 (ms) | inter-token p50 / p90 (ms) |")
     print("|---|---|---|---|")
     for r in rows:
-        print(f"| {r['system']} | {r['tokens_per_s']:.1f} | {r['ttft_p50']:.0f} / {r['ttft_p90']:.0f} | "
-              f"{r['itl_p50']:.0f} / {r['itl_p90']:.0f} |")
-    print(f"continuous / static throughput: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x")
+        ms = lambda a, b: "-" if np.isnan(r[a]) else f"{r[a]:.0f} / {r[b]:.0f}"  # noqa: E731
+        print(f"| {r['system']} | {r['tokens_per_s']:.1f} | {ms('ttft_p50', 'ttft_p90')} | "
+              f"{ms('itl_p50', 'itl_p90')} |")
+    print(f"continuous / static throughput: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x "
+          f"(the engine without HTTP: {rows[2]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x)")
     low, high = sorted((rows[1]["prompt_waste"], rows[1]["step_waste"]))
     print(f"static batches computed {rows[1]['prompt_waste']:.2f}x the prompt tokens (padding) and "
           f"{rows[1]['step_waste']:.2f}x the decode row-steps (rows waiting for the longest) of the requests: at "
