@@ -205,7 +205,11 @@ def run_engine(args, gen, tok, saturation) -> dict:
     done.wait()
     seconds = time.perf_counter() - t0
     engine.stop()
-    return summary("the same engine in-process (no HTTP)", tokens[0], seconds, [], [])
+    row = summary("the same engine in-process (no HTTP)", tokens[0], seconds, [], [])
+    stats = engine.stats()
+    row["busy_rows"] = stats["decode_rows"] / stats["decode_steps"]
+    row["prompt_waste"] = stats["prefill_tokens"] / sum(len(p) for p, _ in saturation)
+    return row
 
 
 def run_static(args, gen, saturation, poisson, delays) -> list[dict]:
@@ -264,6 +268,8 @@ def main(argv=None) -> int:
               f"{ms('itl_p50', 'itl_p90')} |")
     print(f"continuous / static throughput: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x "
           f"(the engine without HTTP: {rows[2]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x)")
+    print(f"the engine computed {rows[2]['prompt_waste']:.2f}x the prompt tokens (chunk padding) and kept "
+          f"{rows[2]['busy_rows']:.2f} of {args.max_slots} rows busy per decode step")
     low, high = sorted((rows[1]["prompt_waste"], rows[1]["step_waste"]))
     print(f"static batches computed {rows[1]['prompt_waste']:.2f}x the prompt tokens (padding) and "
           f"{rows[1]['step_waste']:.2f}x the decode row-steps (rows waiting for the longest) of the requests: at "

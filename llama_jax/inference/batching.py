@@ -209,6 +209,7 @@ class BatchingEngine:
         self.cache, sampled, prompt = fn(self.gen.params, self.cache, np.int32(i), tokens, positions, targets,
                                          np.int32(self.index[i]), np.bool_(start == 0), self._sampling([r]))
         self.index[i] += size
+        self.counters["prefill_tokens"] += size  # computed, padding included
         r.filled = stop
         if prompt is not None:
             logprobs, top, top_ids = jax.device_get(prompt)
@@ -234,6 +235,8 @@ class BatchingEngine:
         self.cache, sampled = self._decode_fn(steps)(self.gen.params, self.cache, tokens, positions,
                                                      self.index.copy(), self._sampling(requests))
         self.index[rows] += steps
+        self.counters["decode_steps"] += steps
+        self.counters["decode_rows"] += steps * len(rows)  # busy rows: decode_rows / decode_steps of max_slots
         sampled = jax.device_get(sampled)
         for t in range(steps):
             self._accept([(i, i) for i in rows if self.slots[i] is not None], dev.Sampled(*(a[t] for a in sampled)),
