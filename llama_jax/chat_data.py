@@ -18,6 +18,7 @@ import numpy as np
 
 from llama_jax.chat import encode_training_dialog
 from llama_jax.data import DataError, list_text_files
+from llama_jax.dataset import sources
 
 
 def is_chat_data(path: str | Path) -> bool:
@@ -30,7 +31,7 @@ def is_chat_data(path: str | Path) -> bool:
                 record = json.loads(first or b"{}")
             except ValueError:
                 return False
-            return isinstance(record, dict) and ("messages" in record or "completion" in record)
+            return sources.is_chat_record(record)
     return False
 
 
@@ -40,21 +41,19 @@ def read_dialogs(path: str | Path) -> list[tuple[str, list[dict]]]:
     for file in list_text_files(path):
         if file.suffix != ".jsonl":
             raise DataError(f"{file}: chat data must be .jsonl records of messages (or prompt/completion)")
-        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f"{file}:{number}"
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                raise DataError(f"{where}: not valid JSON ({e})") from None
-            out.append((where, _dialog(record, where)))
+        unit = sources.Unit("jsonl", (str(file),), 0, file.stat().st_size)
+        out.extend((str(where), parse_record(line, where)) for line, where in sources.jsonl_lines(unit))
     if not out:
         raise DataError(f"{path}: no chat records")
     return out
 
 
-def _dialog(record, where: str) -> list[dict]:
+def parse_record(line: str | bytes, where: object) -> list[dict]:
+    """The dialog of one .jsonl line; a DataError naming `where` (str() gives its file:line) if it is not one."""
+    try:
+        record = json.loads(line)
+    except ValueError as e:
+        raise DataError(f"{where}: not valid JSON ({e})") from None
     if isinstance(record, dict) and isinstance(record.get("messages"), list):
         return record["messages"]
     if isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
@@ -62,19 +61,22 @@ def _dialog(record, where: str) -> list[dict]:
     raise DataError(f"{where}: expected {{\"messages\": [...]}} or {{\"prompt\": ..., \"completion\": ...}}")
 
 
+def encode_record(tok, dialog: list[dict], where: object) -> tuple[np.ndarray, np.ndarray]:
+    """(ids int32, loss mask bool) of one dialog in the tokenizer's chat format; a dialog the format refuses, or
+    one that trains on nothing, is a DataError naming `where`."""
+    try:
+        ids, mask = encode_training_dialog(tok, dialog)
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
+    if not any(mask):
+        raise DataError(f"{where}: no assistant message, so nothing to train on")
+    return np.asarray(ids, np.int32), np.asarray(mask, bool)
+
+
 def encode_dialogs(tok, dialogs: list[tuple[str, list[dict]]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(ids, loss mask) per record; a record that trains on nothing is a DataError naming its file and line."""
-    ids, masks = [], []
-    for where, dialog in dialogs:
-        try:
-            record_ids, mask = encode_training_dialog(tok, dialog)
-        except ValueError as e:
-            raise DataError(f"{where}: {e}") from None
-        if not any(mask):
-            raise DataError(f"{where}: no assistant message, so nothing to train on")
-        ids.append(np.asarray(record_ids, np.int32))
-        masks.append(np.asarray(mask, bool))
-    return ids, masks
+    encoded = [encode_record(tok, dialog, where) for where, dialog in dialogs]
+    return [ids for ids, _ in encoded], [mask for _, mask in encoded]
 
 
 def pydoc_chat() -> list[dict]:

@@ -199,10 +199,13 @@ def pack(docs: Sequence[np.ndarray], seq_len: int, *, bos_id: int, pad_id: int, 
 
 
 def loss_share(rows: Rows) -> float | None:
-    """The share of an in-memory corpus's tokens that the loss counts (chat data: the assistant's), or None for a
-    dataset read from disk."""
+    """The share of the tokens that the loss counts (chat data: the assistant's): of an in-memory corpus's rows,
+    or of a prepared dataset's as its manifest counts them; None when the manifest has no count."""
     base = getattr(rows, "base", rows)
-    return base.num_target_tokens / base.loss_mask.size if isinstance(base, Packed) else None
+    if isinstance(base, Packed):
+        return base.num_target_tokens / base.loss_mask.size
+    share = getattr(base, "loss_share", None)
+    return share() if share is not None else None
 
 
 def split(packed: Rows, eval_fraction: float, seed: int = 0) -> tuple[Rows, Rows | None]:

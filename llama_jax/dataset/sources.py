@@ -8,6 +8,7 @@ entered in the middle), or a range of a Parquet file's row groups.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import gzip
@@ -167,7 +168,7 @@ def _decode(data: bytes, where: str) -> str:
 
 def documents(unit: Unit, text_field: str = "text") -> Iterator[str]:
     """The non-empty documents of a unit, in order; a DataError names the file (and line) of bad input."""
-    try:
+    with _reading(unit):
         if unit.kind == "text":
             for name in unit.files:
                 with _open(Path(name)) as f:
@@ -175,9 +176,25 @@ def documents(unit: Unit, text_field: str = "text") -> Iterator[str]:
                 if text.strip():
                     yield text
         elif unit.kind == "jsonl":
-            yield from _jsonl_documents(Path(unit.files[0]), unit, text_field)
+            for line, where in _jsonl_lines(Path(unit.files[0]), unit):
+                text = _record_text(line, text_field, where)
+                if text.strip():
+                    yield text
         else:
             yield from _parquet_documents(Path(unit.files[0]), unit, text_field)
+
+
+def jsonl_lines(unit: Unit) -> Iterator[tuple[bytes, Line]]:
+    """(line, where it is) of each non-blank line of a .jsonl unit, in order, for a caller that parses records
+    itself (chat records); a file that cannot be read is a DataError naming it."""
+    with _reading(unit):
+        yield from _jsonl_lines(Path(unit.files[0]), unit)
+
+
+@contextlib.contextmanager
+def _reading(unit: Unit) -> Iterator[None]:
+    try:
+        yield
     except DataError:
         raise
     except Exception as e:  # OSError, gzip's and zstandard's errors: a file that cannot be read as what it claims
@@ -186,7 +203,18 @@ def documents(unit: Unit, text_field: str = "text") -> Iterator[str]:
                         f"({reason})") from None
 
 
-def _jsonl_documents(path: Path, unit: Unit, field: str) -> Iterator[str]:
+class Line:
+    """"file:line" of a .jsonl record as str() gives it; the line number of a unit that starts inside a file is
+    counted only when an error message prints it."""
+
+    def __init__(self, path: Path, first: int, n: int):
+        self.path, self.first, self.n = path, first, n  # n: the line's number counted from byte offset `first`
+
+    def __str__(self) -> str:
+        return f"{self.path}:{(_lines_before(self.path, self.first) if self.first else 0) + self.n}"
+
+
+def _jsonl_lines(path: Path, unit: Unit) -> Iterator[tuple[bytes, Line]]:
     compressed = path.suffix.lower() in COMPRESSED
     with _open(path) as f:
         first = 0  # byte offset of this unit's first line
@@ -201,9 +229,7 @@ def _jsonl_documents(path: Path, unit: Unit, field: str) -> Iterator[str]:
                 break
             n += 1
             if line.strip():
-                text = _record_text(line, field, lambda n=n: f"{path}:{_lines_before(path, first) + n}")
-                if text.strip():
-                    yield text
+                yield line, Line(path, first, n)
 
 
 def _lines_before(path: Path, offset: int) -> int:
@@ -212,16 +238,22 @@ def _lines_before(path: Path, offset: int) -> int:
         return raw.read(offset).count(b"\n")
 
 
-def _record_text(line: bytes, field: str, where) -> str:
+def _record_text(line: bytes, field: str, where: Line) -> str:
     try:
         record = json.loads(line)
     except UnicodeDecodeError as e:
-        raise DataError(f"{where()}: not UTF-8 text ({e.reason})") from None
+        raise DataError(f"{where}: not UTF-8 text ({e.reason})") from None
     except json.JSONDecodeError as e:
-        raise DataError(f"{where()}: not valid JSON ({e.msg})") from None
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
     if not isinstance(record, dict) or not isinstance(record.get(field), str):
-        raise DataError(f'{where()}: expected an object with a string "{field}" field')
+        hint = " (this is a chat record: prepare_data.py reads those with --chat)" if is_chat_record(record) else ""
+        raise DataError(f'{where}: expected an object with a string "{field}" field{hint}')
     return record[field]
+
+
+def is_chat_record(record) -> bool:
+    """Whether a parsed .jsonl record is a chat record (messages, or prompt and completion)."""
+    return isinstance(record, dict) and ("messages" in record or "completion" in record)
 
 
 def _parquet_documents(path: Path, unit: Unit, field: str) -> Iterator[str]:

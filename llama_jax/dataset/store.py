@@ -53,12 +53,16 @@ def write_atomic(path: Path, data: bytes | np.ndarray) -> None:
 
 def write_shard(root: Path, name: str, tokens: np.ndarray, doc_starts: np.ndarray, mask: np.ndarray | None = None,
                 info: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Writes one shard's files, its .json record last; returns that record."""
-    record = {"name": name, "tokens": int(tokens.size), "documents": int(doc_starts.size),
-              "loss_mask": mask is not None, **(info or {})}
+    """Writes one shard's files, its .json record last; returns that record. Its loss_tokens counts the targets
+    the loss will see: tokens the mask allows that do not start a document."""
+    starts = np.asarray(doc_starts, DOC_DTYPE)
+    allowed = tokens.size if mask is None else int(np.count_nonzero(mask))
+    at_starts = starts.size if mask is None else int(np.count_nonzero(np.asarray(mask)[starts]))
+    record = {"name": name, "tokens": int(tokens.size), "documents": int(starts.size),
+              "loss_mask": mask is not None, "loss_tokens": int(allowed - at_starts), **(info or {})}
     if tokens.size:
         write_atomic(root / f"{name}.tokens", tokens)
-        write_atomic(root / f"{name}.docs", doc_starts.astype(DOC_DTYPE))
+        write_atomic(root / f"{name}.docs", starts)
         if mask is not None:
             write_atomic(root / f"{name}.mask", mask.astype(MASK_DTYPE))
     write_atomic(root / f"{name}.json", (json.dumps(record) + "\n").encode())
@@ -69,7 +73,10 @@ def write_manifest(root: Path, shards: list[dict[str, Any]], tokenizer: dict[str
                    sources: list[dict[str, Any]]) -> dict[str, Any]:
     manifest = {"format": FORMAT, "version": VERSION, "tokenizer": tokenizer, "dtype": np.dtype(dtype).name,
                 "num_tokens": sum(s["tokens"] for s in shards), "num_documents": sum(s["documents"] for s in shards),
-                "loss_mask": any(s["loss_mask"] for s in shards), "sources": sources,
+                "loss_mask": any(s["loss_mask"] for s in shards),
+                "num_loss_tokens": (sum(s["loss_tokens"] for s in shards)
+                                    if all("loss_tokens" in s for s in shards) else None),
+                "sources": sources,
                 "shards": [{k: s[k] for k in ("name", "tokens", "documents", "loss_mask")} for s in shards]}
     write_atomic(root / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
@@ -100,6 +107,10 @@ class TokenDataset:
         self.bounds = np.cumsum([0] + [s["tokens"] for s in shards])
         self.num_tokens = int(self.bounds[-1])
         self.num_documents = int(self.manifest["num_documents"])
+        # Targets the loss counts (a manifest without the count and without masks: every token but documents' first)
+        counted = self.manifest.get("num_loss_tokens")
+        self.num_loss_tokens = (int(counted) if counted is not None else
+                                None if self.manifest.get("loss_mask") else self.num_tokens - self.num_documents)
 
     def _map(self, shard: dict[str, Any], kind: str, dtype: np.dtype, count: int) -> np.ndarray:
         path = self.root / f"{shard['name']}.{kind}"
@@ -159,6 +170,11 @@ class TokenRows:
 
     def identity(self) -> str:
         return self.dataset.identity()
+
+    def loss_share(self) -> float | None:
+        """The share of the rows' token slots that the loss counts (as `Packed` counts it), or None if unknown."""
+        counted = self.dataset.num_loss_tokens
+        return None if counted is None else counted / (len(self) * self.seq_len)
 
     def gather(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         """rows int32 [*ids.shape, seq_len + 1], loss_mask bool [..., seq_len], doc_start bool [..., seq_len + 1]."""
