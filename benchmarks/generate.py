@@ -153,10 +153,9 @@ def gpu_config(args):
     return config.replace(max_seq_len=max(config.max_seq_len, args.prompt_len + args.new_tokens))
 
 
-def torch_gpu_peer(args) -> None:
-    """--gpu-peer (a child process of --gpu): HF `generate()` on the GPU, bf16, SDPA attention, greedy, the same
-    shapes; prints "PEER <batch> <tokens/s end to end>" per batch for the parent."""
-    import numpy as np
+def hf_gpu_model(config):
+    """HF LlamaForCausalLM of `config`'s shape, random bf16 weights, SDPA attention, on the GPU (the CPU for dry
+    runs); returns (model, device, sync), sync waiting for the device's queued work."""
     import torch
     import transformers
 
@@ -164,12 +163,24 @@ def torch_gpu_peer(args) -> None:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # noqa: E731 - CPU dry runs
-    hf = hf_config(gpu_config(args))
+    hf = hf_config(config)
     hf._attn_implementation = "sdpa"
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)
     with torch.device(device):
         model = transformers.LlamaForCausalLM(hf).eval()
+    return model, device, sync
+
+
+def torch_gpu_peer(args) -> None:
+    """--gpu-peer (a child process of --gpu): HF `generate()` on the GPU, bf16, SDPA attention, greedy, the same
+    shapes; prints "PEER <batch> <tokens/s end to end>" per batch for the parent."""
+    import numpy as np
+    import torch
+    import transformers
+
+    model, device, sync = hf_gpu_model(gpu_config(args))
+    hf = model.config
     rng = np.random.default_rng(0)
     print(f"NOTE torch {torch.__version__}, transformers {transformers.__version__}", flush=True)
     for batch in args.batches or [1, 64]:

@@ -239,16 +239,10 @@ def torch_gpu_peer(args) -> None:
     import torch
     import transformers
 
-    from hf_reference import hf_config
+    from benchmarks.generate import hf_gpu_model
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)  # noqa: E731 - CPU dry runs
-    hf = hf_config(gpu_config(args))
-    hf._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(hf).eval()
+    model, device, sync = hf_gpu_model(gpu_config(args))
+    hf = model.config
     # Only the last position's logits: for a 128k prompt all of them would take 128k x vocab.
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     print(f"NOTE torch {torch.__version__}, transformers {transformers.__version__}, "
