@@ -317,6 +317,18 @@ def test_server_on_a_tensor_mesh_matches_generator_on_one_device(model_dir, tok,
         assert out.choices[0].finish_reason == ref.finish_reasons[0]
 
 
+def test_prefill_budget_below_the_smallest_chunk_is_refused():
+    from llama_jax.generation import Generator
+    from llama_jax.inference.batching import BatchingEngine, EngineError
+    from llama_jax.model import init_params
+
+    config = preset("tiny-llama2")
+    gen = Generator(init_params(config, jax.random.key(0)), config)
+    with pytest.raises(EngineError, match=r"^the prefill budget \(--prefill-budget\) must be >= 16 tokens, got 8$"):
+        BatchingEngine(gen, prefill_budget=8)
+    assert BatchingEngine(gen, prefill_budget=16).buckets == [16]
+
+
 def test_cache_that_does_not_fit_the_device_is_one_line_error():
     from llama_jax.inference.batching import EngineError, check_memory
     from llama_jax.kv_cache import cache_bytes

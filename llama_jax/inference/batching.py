@@ -61,6 +61,9 @@ class BatchingEngine:
                  pad_id: int | None = None):
         if max_slots < 1 or max_queue < 0:
             raise EngineError(f"need max_slots >= 1 and max_queue >= 0, got {max_slots} and {max_queue}")
+        if prefill_budget < MIN_CHUNK:  # a long prompt's chunks are whole steps of at least MIN_CHUNK tokens
+            raise EngineError(f"the prefill budget (--prefill-budget) must be >= {MIN_CHUNK} tokens, got "
+                              f"{prefill_budget}")
         self.gen, self.config = generator, generator.config
         self.max_slots, self.max_queue = max_slots, max_queue
         self.max_chunk = next_power_of_two(max(prefill_budget, MIN_CHUNK))
