@@ -66,7 +66,7 @@ class BatchingEngine:
                               f"{prefill_budget}")
         self.gen, self.config = generator, generator.config
         self.max_slots, self.max_queue = max_slots, max_queue
-        self.max_chunk = next_power_of_two(max(prefill_budget, MIN_CHUNK))
+        self.max_chunk = next_power_of_two(prefill_budget)
         self.prefill_budget = prefill_budget
         # Chunk buckets in steps of 1/8 of the largest: a prompt's last chunk wastes less than a step on padding
         # (powers of two wasted a quarter of the prefill work on a spread of prompt lengths); earlier chunks are
