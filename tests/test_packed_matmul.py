@@ -14,7 +14,7 @@ import pytest
 from hf_reference import hf_logits, random_meta_state
 from llama_jax.config import LlamaConfig
 from llama_jax.generation import GenerationError, Generator
-from llama_jax.kernels import PackedWeight, packed_matmul
+from llama_jax.kernels import PackedWeight, cpu_ffi, packed_matmul
 from llama_jax.meta_weights import params_from_meta
 from llama_jax.model import forward, init_cache
 
@@ -97,7 +97,7 @@ def test_decoding_with_packed_weights_matches_hf(config):
 
     step = jax.jit(lambda p, t, pos, c: forward(p, t, pos, c, config=gen.config))
     cache = init_cache(gen.config, 2, 16)
-    assert packed_matmul._TARGET in step.lower(gen.params, tokens[:, :8], positions[:, :8], cache).as_text()
+    assert packed_matmul.KERNEL.target in step.lower(gen.params, tokens[:, :8], positions[:, :8], cache).as_text()
     logits, cache = step(gen.params, tokens[:, :8], positions[:, :8], cache)  # prefill: 16 rows per product
     steps = [logits]
     for t in range(8, 12):  # decode: 2 rows per product
@@ -150,27 +150,27 @@ def test_a_failed_build_says_which_compiler_failed(tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "false")
     monkeypatch.setenv("LLAMA_JAX_CACHE_DIR", str(tmp_path))
     with pytest.raises(packed_matmul.PackedMatmulUnavailable, match="false failed to build packed_matmul.cc"):
-        packed_matmul._build()
+        packed_matmul.KERNEL.build()
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     with pytest.raises(packed_matmul.PackedMatmulUnavailable, match="no-such-compiler' not found"):
-        packed_matmul._build()
+        packed_matmul.KERNEL.build()
 
 
-def test_any_load_failure_is_one_reason_given_again_without_a_rebuild(tmp_path, monkeypatch):
-    monkeypatch.setattr(packed_matmul, "_load_error", None)  # as in a fresh process; restored afterwards
-    monkeypatch.setattr(packed_matmul, "_SOURCE", tmp_path / "missing.cc")
-    with pytest.raises(packed_matmul.PackedMatmulUnavailable, match="FileNotFoundError"):
-        packed_matmul.load()
-    monkeypatch.setattr(packed_matmul, "_register", lambda: pytest.fail("load() tried again"))
-    with pytest.raises(packed_matmul.PackedMatmulUnavailable, match="FileNotFoundError"):
-        packed_matmul.load()
-    assert not packed_matmul.available()
+def test_any_load_failure_is_one_reason_given_again_without_a_rebuild(tmp_path):
+    kernel = cpu_ffi.CpuKernel("missing.cc", "llama_jax_missing", "Missing", switch="LLAMA_JAX_MISSING",
+                               fallback="XLA's ops")  # a kernel of its own: the real ones stay registered
+    with pytest.raises(cpu_ffi.KernelUnavailable, match="FileNotFoundError"):
+        kernel.load()
+    kernel.register = lambda: pytest.fail("load() tried again")
+    with pytest.raises(cpu_ffi.KernelUnavailable, match="FileNotFoundError"):
+        kernel.load()
+    assert not kernel.available()
 
 
 @pytest.mark.slow
 def test_switched_off_by_environment_the_generator_keeps_xla_dots():
-    code = ("from llama_jax.kernels import packed_matmul; from llama_jax.config import preset; "
+    code = ("from llama_jax.kernels import cpu_ffi, packed_matmul; from llama_jax.config import preset; "
             "from llama_jax.generation import Generator; from llama_jax.model import init_params; import jax; "
             "c = preset('tiny-llama2'); g = Generator(init_params(c, jax.random.key(0)), c); "
             "print(packed_matmul.available(), g.packed_weights, g.generate([[1, 2]], max_new_tokens=3).tokens)")
