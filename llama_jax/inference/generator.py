@@ -157,7 +157,7 @@ class Generator:
         self.packed_weights = packed_weights is not False and reason is None
         self.config = decoding_config(config, self.mesh, scan_layers)
         self.layout = Layout(config, self.config, self.mesh, self.packed_weights)
-        self.ops = select_ops(self.config)
+        self.ops = select_ops(self.config, mesh=self.mesh)
         stop_ids = sorted(set(int(i) for i in stop_ids))
         if len(stop_ids) > MAX_STOP_IDS:
             raise GenerationError(f"at most {MAX_STOP_IDS} stop ids are supported, got {len(stop_ids)}")

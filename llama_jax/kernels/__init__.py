@@ -5,7 +5,9 @@ the result is handed to the model. `Ops` names its kernels with strings, so it i
     dense        xla (tensordot) | cpu (the same, with a YNNPACK-friendly weight gradient); a PackedWeight leaf
                  always runs the packed CPU decoding kernel (packed_matmul)
     attention    einsum (reference, blocked causal) | xla (jax.nn) | cudnn (fused causal, GPU, bf16/fp16)
-    cache        einsum | cpu_windows (a decode step reads only the filled part of the cache)
+    cache        einsum | cpu_windows (a decode step reads the cache up to its longest row's filled part, in
+                 XLA ops) | cpu_rows (a C++ kernel where it applies: each row reads only its own filled part;
+                 otherwise the windows)
     blockwise    attention over more than `attention_block` keys with positions (long prompts, long caches) runs
                  in blocks with an online softmax on every backend, in bounded memory
 """
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 
 from llama_jax.config import LlamaConfig
 from llama_jax.kernels import attention as attn
+from llama_jax.kernels import decode_attention
 from llama_jax.kernels.dense import dense
 from llama_jax.kernels.lora import LoraWeight
 from llama_jax.kernels.packed_matmul import PackedWeight
@@ -65,10 +68,13 @@ class Ops:
             return attn.plain_causal(q, k, v, self.attention_kernel)
         if isinstance(k, tuple):
             k, v, layer = k[layer], v[layer], None
+        if (self.cache_kernel == "cpu_rows" and heads_first and kv_len is not None and layer is None
+                and decode_attention.applies(q, k)):
+            return decode_attention.attention(q, k, v, q_positions, kv_positions, kv_len)
         if kv_len is not None:
             kv_len = jnp.max(kv_len)  # per-row lengths: the mask keeps each row to its own
         keys = k.shape[-2 if heads_first else -3]
-        windows = self.cache_kernel == "cpu_windows" and heads_first and kv_len is not None and q.shape[1] == 1
+        windows = self.cache_kernel in ("cpu_windows", "cpu_rows") and heads_first and kv_len is not None and q.shape[1] == 1
         if keys > self.attention_block and not (windows and keys <= CPU_WINDOWS_MAX_KEYS):
             return attn.blockwise_attention(q, k, v, q_positions, kv_positions, kv_len, heads_first,
                                             self.attention_block, layer)
@@ -89,8 +95,9 @@ def default_attention_impl(backend: str | None = None) -> str:
     return "dot_product_attention" if (backend or jax.default_backend()) in GPU_BACKENDS else "einsum"
 
 
-def select_ops(config: LlamaConfig, backend: str | None = None) -> Ops:
-    """The kernels for `config` on `backend` (default: JAX's default backend)."""
+def select_ops(config: LlamaConfig, backend: str | None = None, mesh=None) -> Ops:
+    """The kernels for `config` on `backend` (default: JAX's default backend), for a program on `mesh` (default:
+    one device)."""
     backend = backend or jax.default_backend()
     cpu = backend == "cpu"
     attention = "einsum"
@@ -99,9 +106,11 @@ def select_ops(config: LlamaConfig, backend: str | None = None) -> Ops:
         fused = (backend in GPU_BACKENDS and config.compute_dtype in (jnp.bfloat16, jnp.float16)
                  and config.head_dim % 8 == 0 and config.head_dim <= 128)
         attention = "cudnn" if fused else "xla"
+    # An FFI kernel is one device's code: XLA would gather a sharded cache to run it, so a mesh keeps XLA's ops.
+    cache = ("cpu_rows" if mesh is None or mesh.size == 1 else "cpu_windows") if cpu else "einsum"
     # Larger products suit a GPU; neither block size is tuned.
-    return Ops(dense_kernel="cpu" if cpu else "xla", attention_kernel=attention,
-               cache_kernel="cpu_windows" if cpu else "einsum", attention_block=512 if cpu else 1024)
+    return Ops(dense_kernel="cpu" if cpu else "xla", attention_kernel=attention, cache_kernel=cache,
+               attention_block=512 if cpu else 1024)
 
 
 # XLA:CPU hands dots to YNNPACK by default; decoding multiplies a few rows by each weight matrix, where Eigen's GEMM
