@@ -5,11 +5,12 @@
 
 Requests: random token-id prompts of --min-prompt..--max-prompt tokens, greedy outputs of --min-output..
 --max-output tokens. Two loads for each system:
-- saturation: every request sent at once; output tokens per second over the whole run;
+- saturation: every request sent at once; output tokens per second over the whole run, in --pairs alternating
+  runs of the two systems (the ratio is the median of the pairs': a shared machine's speed drifts over minutes);
 - Poisson arrivals at --rate requests/s: time to first token and inter-token latency, p50 and p90.
 The server runs in a child process (compiled at start-up); the static batches run here, up to --max-slots rows
 through Generator.stream, the next batch starting when the previous one ends, with compilation time excluded.
-A third row drives the server's engine here, without HTTP, on the saturation load: what the engine itself does.
+--in-process adds a row that drives the server's engine here, without HTTP: what the engine itself does.
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-budget", type=int, default=256)
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pairs", type=int, default=2, help="alternating saturation runs of each system")
+    p.add_argument("--in-process", action="store_true",
+                   help="also drive the server's engine here, without HTTP, on the saturation load")
     return p.parse_args(argv)
 
 
@@ -113,32 +117,39 @@ def latencies(results) -> tuple[list[float], list[float], int]:
     return ttft, itl, sum(n for *_, n in results)
 
 
-def run_server(args, model_dir: Path, saturation, poisson, delays) -> list[dict]:
-    import httpx
+class Server:
+    """serve.py in a child process, up from `with` to its end; compiled at start-up."""
 
-    cmd = [sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(model_dir), "--port", str(args.port),
-           "--max-slots", str(args.max_slots), "--prefill-budget", str(args.prefill_budget),
-           "--max-queue", str(max(len(saturation), len(poisson)))]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
-    url = f"http://127.0.0.1:{args.port}"
-    try:
+    def __init__(self, args, model_dir: Path, queue: int):
+        self.cmd = [sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(model_dir), "--port",
+                    str(args.port), "--max-slots", str(args.max_slots), "--prefill-budget", str(args.prefill_budget),
+                    "--max-queue", str(queue)]
+        self.url = f"http://127.0.0.1:{args.port}"
+
+    def __enter__(self) -> "Server":
+        import httpx
+
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
         while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"serve.py exited with {proc.returncode}")
+            if self.proc.poll() is not None:
+                raise SystemExit(f"serve.py exited with {self.proc.returncode}")
             try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
+                if httpx.get(f"{self.url}/health").status_code == 200:
+                    return self
             except httpx.TransportError:
                 time.sleep(1)
-        seconds, results = asyncio.run(server_load(url, saturation, [0.0] * len(saturation)))
-        tokens = latencies(results)[2]
-        _, results = asyncio.run(server_load(url, poisson, delays))
-        ttft, itl, _ = latencies(results)
-        print(f"server stats: {httpx.get(f'{url}/health').json()}", file=sys.stderr)
-        return [summary("continuous batching (serve.py)", tokens, seconds, ttft, itl)]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
+
+    def __exit__(self, *exc) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+    def health(self) -> dict:
+        import httpx
+
+        return httpx.get(f"{self.url}/health").json()
+
+    def load(self, requests, delays) -> tuple[float, list]:
+        return asyncio.run(server_load(self.url, requests, delays))
 
 
 # --- static batches: Generator ---------------------------------------------------------------------------------
@@ -205,25 +216,14 @@ def run_engine(args, gen, tok, saturation) -> dict:
     done.wait()
     seconds = time.perf_counter() - t0
     engine.stop()
-    row = summary("the same engine in-process (no HTTP)", tokens[0], seconds, [], [])
-    stats = engine.stats()
-    row["busy_rows"] = stats["decode_rows"] / stats["decode_steps"]
-    row["prompt_waste"] = stats["prefill_tokens"] / sum(len(p) for p, _ in saturation)
-    return row
+    return summary("the same engine in-process (no HTTP)", tokens[0], seconds, [], [])
 
 
-def run_static(args, gen, saturation, poisson, delays) -> list[dict]:
+def static_saturation(gen, saturation, slots: int) -> tuple[float, int, dict]:
+    """Seconds and output tokens of the saturation load as static batches, and the work they computed."""
     work: dict[str, int] = {}
-    seconds, results = static_run(gen, saturation, [0.0] * len(saturation), args.max_slots, work)
-    tokens = latencies(results)[2]
-    _, results = static_run(gen, poisson, delays, args.max_slots)
-    ttft, itl, _ = latencies(results)
-    row = summary(f"static batches (Generator, <= {args.max_slots} rows)", tokens, seconds, ttft, itl)
-    # What the static batches computed beyond the requests themselves: at equal cost per prompt token and per
-    # decode row-step, a scheduler that wastes nothing is faster by a ratio between these two.
-    row["prompt_waste"] = work["prompt"] / sum(len(p) for p, _ in saturation)
-    row["step_waste"] = work["steps"] / sum(m for _, m in saturation)
-    return [row]
+    seconds, results = static_run(gen, saturation, [0.0] * len(saturation), slots, work)
+    return seconds, latencies(results)[2], work
 
 
 def random_model(args, folder: Path) -> Path:
@@ -242,38 +242,63 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.checkpoint) if args.checkpoint else random_model(args, Path(tmp))
-        from llama_jax.checkpoint import load_config
+        from llama_jax.checkpoint import TOKENIZER_FILE, load_config
+        from llama_jax.generation import Generator
+        from llama_jax.tokenizer import load_tokenizer
 
         vocab = min(load_config(model_dir).vocab_size, 32000)
         saturation = make_requests(args, args.requests, vocab, args.seed)
         poisson = make_requests(args, args.poisson_requests or args.requests, vocab, args.seed + 1)
         delays = arrivals(len(poisson), args.rate, args.seed + 2)
-        rows = run_server(args, model_dir, saturation, poisson, delays)
-        from llama_jax.checkpoint import TOKENIZER_FILE
-        from llama_jax.generation import Generator
-        from llama_jax.tokenizer import load_tokenizer
-
         tok = load_tokenizer(model_dir / TOKENIZER_FILE)
         gen = Generator.from_checkpoint(model_dir, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
-        rows += run_static(args, gen, saturation, poisson, delays)
-        rows.append(run_engine(args, gen, tok, saturation))
-    print(f"{len(saturation)} requests at once (saturation), {len(poisson)} at {args.rate}/s (Poisson); prompts "
-          f"{args.min_prompt}-{args.max_prompt} tokens, outputs {args.min_output}-{args.max_output}, greedy; "
-          f"{args.max_slots} slots; {os.cpu_count()} CPUs")
-    print("| system | output tokens/s (saturation) | TTFT p50 / p90 (ms) | inter-token p50 / p90 (ms) |")
+        served, static, engine_work = [], [], []
+        with Server(args, model_dir, max(len(saturation), len(poisson))) as server:
+            # Saturation in alternating pairs (the server, then the static batches): this machine's speed drifts
+            # over minutes, and a pair's ratio holds where one long run of each would not.
+            for _ in range(args.pairs):
+                before = server.health()
+                seconds, results = server.load(saturation, [0.0] * len(saturation))
+                after = server.health()
+                served.append(latencies(results)[2] / seconds)
+                engine_work.append({k: after[k] - before.get(k, 0) for k in ("prefill_tokens", "decode_steps",
+                                                                                  "decode_rows")})
+                seconds, tokens, work = static_saturation(gen, saturation, args.max_slots)
+                static.append(tokens / seconds)
+            _, results = server.load(poisson, delays)
+            server_row = summary("continuous batching (serve.py)", 0, 0, *latencies(results)[:2])
+        _, results = static_run(gen, poisson, delays, args.max_slots)
+        static_row = summary(f"static batches (Generator, <= {args.max_slots} rows)", 0, 0, *latencies(results)[:2])
+        server_row["tokens_per_s"], static_row["tokens_per_s"] = float(np.median(served)), float(np.median(static))
+        rows = [server_row, static_row]
+        if args.in_process:
+            rows.append(run_engine(args, gen, tok, saturation))
+    print(f"{len(saturation)} requests at once (saturation, {args.pairs} alternating pairs), {len(poisson)} at "
+          f"{args.rate}/s (Poisson); prompts {args.min_prompt}-{args.max_prompt} tokens, outputs {args.min_output}-"
+          f"{args.max_output}, greedy; {args.max_slots} slots; {os.cpu_count()} CPUs")
+    print("| system | output tokens/s (saturation, median) | TTFT p50 / p90 (ms) | inter-token p50 / p90 (ms) |")
     print("|---|---|---|---|")
     for r in rows:
         ms = lambda a, b: "-" if np.isnan(r[a]) else f"{r[a]:.0f} / {r[b]:.0f}"  # noqa: E731
         print(f"| {r['system']} | {r['tokens_per_s']:.1f} | {ms('ttft_p50', 'ttft_p90')} | "
               f"{ms('itl_p50', 'itl_p90')} |")
-    print(f"continuous / static throughput: {rows[0]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x "
-          f"(the engine without HTTP: {rows[2]['tokens_per_s'] / rows[1]['tokens_per_s']:.2f}x)")
-    print(f"the engine computed {rows[2]['prompt_waste']:.2f}x the prompt tokens (chunk padding) and kept "
-          f"{rows[2]['busy_rows']:.2f} of {args.max_slots} rows busy per decode step")
-    low, high = sorted((rows[1]["prompt_waste"], rows[1]["step_waste"]))
-    print(f"static batches computed {rows[1]['prompt_waste']:.2f}x the prompt tokens (padding) and "
-          f"{rows[1]['step_waste']:.2f}x the decode row-steps (rows waiting for the longest) of the requests: at "
-          f"equal cost per token, the scheduling bound is {low:.2f}x-{high:.2f}x")
+    ratios = [a / b for a, b in zip(served, static)]
+    print(f"continuous / static throughput: {np.median(ratios):.2f}x (median of the pairs: "
+          f"{', '.join(f'{x:.2f}x' for x in ratios)})"
+          + (f"; the engine without HTTP: {rows[2]['tokens_per_s'] / static_row['tokens_per_s']:.2f}x"
+             if args.in_process else ""))
+    w = engine_work[-1]
+    print(f"the engine computed {w['prefill_tokens'] / sum(len(p) for p, _ in saturation):.2f}x the prompt tokens "
+          f"(chunk padding) and kept {w['decode_rows'] / w['decode_steps']:.2f} of {args.max_slots} rows busy per "
+          "decode step")
+    # What the static batches computed beyond the requests themselves: at equal cost per prompt token and per
+    # decode row-step, a scheduler that wastes nothing is faster by a ratio between these two.
+    prompt_waste = work["prompt"] / sum(len(p) for p, _ in saturation)
+    step_waste = work["steps"] / sum(m for _, m in saturation)
+    low, high = sorted((prompt_waste, step_waste))
+    print(f"static batches computed {prompt_waste:.2f}x the prompt tokens (padding) and {step_waste:.2f}x the "
+          f"decode row-steps (rows waiting for the longest) of the requests: at equal cost per token, the scheduling "
+          f"bound is {low:.2f}x-{high:.2f}x")
     return 0
 
 
