@@ -74,7 +74,8 @@ class Ops:
         if kv_len is not None:
             kv_len = jnp.max(kv_len)  # per-row lengths: the mask keeps each row to its own
         keys = k.shape[-2 if heads_first else -3]
-        windows = self.cache_kernel in ("cpu_windows", "cpu_rows") and heads_first and kv_len is not None and q.shape[1] == 1
+        windows = (self.cache_kernel in ("cpu_windows", "cpu_rows") and heads_first and kv_len is not None
+                   and q.shape[1] == 1)
         if keys > self.attention_block and not (windows and keys <= CPU_WINDOWS_MAX_KEYS):
             return attn.blockwise_attention(q, k, v, q_positions, kv_positions, kv_len, heads_first,
                                             self.attention_block, layer)
