@@ -252,7 +252,7 @@ def main(argv=None) -> int:
         delays = arrivals(len(poisson), args.rate, args.seed + 2)
         tok = load_tokenizer(model_dir / TOKENIZER_FILE)
         gen = Generator.from_checkpoint(model_dir, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
-        served, static, engine_work = [], [], []
+        served, static = [], []
         with Server(args, model_dir, max(len(saturation), len(poisson))) as server:
             # Saturation in alternating pairs (the server, then the static batches): this machine's speed drifts
             # over minutes, and a pair's ratio holds where one long run of each would not.
@@ -261,8 +261,9 @@ def main(argv=None) -> int:
                 seconds, results = server.load(saturation, [0.0] * len(saturation))
                 after = server.health()
                 served.append(latencies(results)[2] / seconds)
-                engine_work.append({k: after[k] - before.get(k, 0) for k in ("prefill_tokens", "decode_steps",
-                                                                                  "decode_rows")})
+                # The engine's counters over this run (absent from /health until first counted).
+                engine_work = {k: after[k] - before.get(k, 0)
+                               for k in ("prefill_tokens", "decode_steps", "decode_rows")}
                 seconds, tokens, work = static_saturation(gen, saturation, args.max_slots)
                 static.append(tokens / seconds)
             _, results = server.load(poisson, delays)
@@ -287,13 +288,13 @@ def main(argv=None) -> int:
           f"{', '.join(f'{x:.2f}x' for x in ratios)})"
           + (f"; the engine without HTTP: {rows[2]['tokens_per_s'] / static_row['tokens_per_s']:.2f}x"
              if args.in_process else ""))
-    w = engine_work[-1]
-    print(f"the engine computed {w['prefill_tokens'] / sum(len(p) for p, _ in saturation):.2f}x the prompt tokens "
-          f"(chunk padding) and kept {w['decode_rows'] / w['decode_steps']:.2f} of {args.max_slots} rows busy per "
+    prompts = sum(len(p) for p, _ in saturation)
+    print(f"the engine computed {engine_work['prefill_tokens'] / prompts:.2f}x the prompt tokens (chunk padding) and "
+          f"kept {engine_work['decode_rows'] / engine_work['decode_steps']:.2f} of {args.max_slots} rows busy per "
           "decode step")
     # What the static batches computed beyond the requests themselves: at equal cost per prompt token and per
     # decode row-step, a scheduler that wastes nothing is faster by a ratio between these two.
-    prompt_waste = work["prompt"] / sum(len(p) for p, _ in saturation)
+    prompt_waste = work["prompt"] / prompts
     step_waste = work["steps"] / sum(m for _, m in saturation)
     low, high = sorted((prompt_waste, step_waste))
     print(f"static batches computed {prompt_waste:.2f}x the prompt tokens (padding) and {step_waste:.2f}x the "
