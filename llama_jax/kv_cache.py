@@ -20,12 +20,15 @@ class KVCache(NamedTuple):
     positions: [batch, max_len], the position of the token in each slot; -1 marks an empty or padding slot.
     index: the slot the next token is written to: a scalar shared by every row (ragged prompts are left-padded),
     or per row, shape [batch], where each row is a separate sequence at its own length (continuous batching).
+    row: None, or a scalar: the cache row that a batch of one reads and writes (at the scalar `index`), the others
+    left as they are; continuous batching prefills one slot this way, in place, without copying its row out.
     """
 
     k: jax.Array | tuple[jax.Array, ...]
     v: jax.Array | tuple[jax.Array, ...]
     positions: jax.Array
     index: jax.Array
+    row: jax.Array | None = None
 
     def layer(self, layer) -> tuple[jax.Array, jax.Array]:
         return self.k[layer], self.v[layer]
@@ -35,11 +38,11 @@ class KVCache(NamedTuple):
         k, v = k.swapaxes(1, 2), v.swapaxes(1, 2)
         if isinstance(self.k, tuple):
             def put(per_layer, new):
-                updated = _put_rows(per_layer[layer], new.astype(per_layer[layer].dtype), (), self.index)
+                updated = _put_rows(per_layer[layer], new.astype(per_layer[layer].dtype), (), self.index, self.row)
                 return per_layer[:layer] + (updated,) + per_layer[layer + 1:]
         else:
             def put(stacked, new):
-                return _put_rows(stacked, new.astype(stacked.dtype)[None], (layer,), self.index)
+                return _put_rows(stacked, new.astype(stacked.dtype)[None], (layer,), self.index, self.row)
         return self._replace(k=put(self.k, k), v=put(self.v, v))
 
     def record_positions(self, positions) -> "KVCache":
@@ -47,7 +50,8 @@ class KVCache(NamedTuple):
         runs, so that every layer's attention already sees them."""
         positions = positions.astype(jnp.int32)
         if jnp.ndim(self.index) == 0:
-            return self._replace(positions=jax.lax.dynamic_update_slice(self.positions, positions, (0, self.index)))
+            row = 0 if self.row is None else self.row
+            return self._replace(positions=jax.lax.dynamic_update_slice(self.positions, positions, (row, self.index)))
         put = jax.vmap(lambda row, new, i: jax.lax.dynamic_update_slice(row, new, (i,)))
         return self._replace(positions=put(self.positions, positions, self.index))
 
@@ -56,11 +60,11 @@ class KVCache(NamedTuple):
         return self._replace(index=self.index + n)
 
 
-def _put_rows(array, new, lead: tuple, index):
+def _put_rows(array, new, lead: tuple, index, row=None):
     """array [*lead, batch, kv_heads, len, head_dim] with `new` written from slot `index` (scalar: every row at
-    the same slot; [batch]: each row at its own, as one vmapped update)."""
+    the same slot, or only `row`; [batch]: each row at its own, as one vmapped update)."""
     if jnp.ndim(index) == 0:
-        return jax.lax.dynamic_update_slice(array, new, (*lead, 0, 0, index, 0))
+        return jax.lax.dynamic_update_slice(array, new, (*lead, 0 if row is None else row, 0, index, 0))
     axis = len(lead)
     one = lambda a, n, i: jax.lax.dynamic_update_slice(a, n, (*lead, 0, i, 0))
     return jax.vmap(one, in_axes=(axis, axis, 0), out_axes=axis)(array, new, index)

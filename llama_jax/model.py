@@ -101,7 +101,7 @@ class Attention(nn.Module):
         else:
             cache = cache.write(layer, k, v)
             out = ops.attention(q, cache.k, cache.v, q_positions=positions, kv_positions=cache.positions,
-                                kv_len=cache.index + x.shape[1], heads_first=True, layer=layer)
+                                kv_len=cache.index + x.shape[1], heads_first=True, layer=layer, row=cache.row)
         return ops.dense(out, wo, n_in=2), cache
 
 

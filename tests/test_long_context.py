@@ -16,7 +16,7 @@ from llama_jax.inference import engine
 from llama_jax.kernels import attention as attn
 from llama_jax.kernels import CPU_WINDOWS_MAX_KEYS, select_ops
 from llama_jax.meta_weights import params_from_meta
-from llama_jax.model import forward, init_cache, init_params
+from llama_jax.model import forward, init_cache, init_params, unstack_layers
 
 # Blocks of 8 keys and chunks of 8 tokens: a 30-token prompt crosses several of each.
 BLOCK = 8
@@ -62,6 +62,60 @@ def test_blockwise_attention_equals_einsum_reference(heads_first, heads, kv_head
     seen = np.asarray(mask.any(-1))  # rows that see no key at all are padding: ignorable on both paths
     assert seen.sum() > q_len
     np.testing.assert_allclose(np.asarray(out)[seen], np.asarray(reference)[seen], atol=2e-6)
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_blockwise_attention_reads_one_row_of_the_cache_in_place(stacked):
+    """With `row`, a batch of one attends to that row of a 3-row cache: the same as the einsum reference on the
+    row cut out (and a layer of a stacked cache, read in place too)."""
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((1, 5, 6, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((2, 3, 2, 37, 8)), jnp.float32) for _ in range(2))
+    kv_positions = np.full((3, 37), -1, np.int32)
+    kv_positions[:, :30] = np.arange(30)
+    q_positions = kv_positions[1:2, 25:30]
+    mask = attn.position_mask(jnp.asarray(q_positions), jnp.asarray(kv_positions[1:2]))
+    reference = attn.einsum_attention(q, k[1, 1:2], v[1, 1:2], mask, heads_first=True)
+    layer = 1 if stacked else None
+    kk, vv = (k, v) if stacked else (k[1], v[1])
+    out = jax.jit(attn.blockwise_attention, static_argnums=(6, 7))(
+        q, kk, vv, jnp.asarray(q_positions), jnp.asarray(kv_positions[1:2]), 30, True, BLOCK, layer, jnp.int32(1))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(reference), atol=2e-6)
+
+
+@pytest.mark.parametrize("block", [BLOCK, 512])
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_a_prompt_chunk_into_one_row_of_a_cache_equals_a_cache_of_its_own(block, scan_layers):
+    """KVCache.row: a chunk written into row 1 of a 3-row cache (blockwise, or the einsum path where the cache is
+    short) gives the logits of the same chunk in a one-row cache, stores the same keys, and leaves rows 0 and 2
+    as they were."""
+    config = dataclasses.replace(CONFIG, scan_layers=scan_layers)
+    _, params = _setup(CONFIG)  # stacked layers
+    if not scan_layers:
+        params = unstack_layers(params, config.n_layers)
+    ops = dataclasses.replace(select_ops(config), attention_block=block)
+    run = jax.jit(functools.partial(forward, config=config, ops=ops))
+    rng = np.random.default_rng(0)
+    first, second = (jnp.asarray(rng.integers(3, 128, (1, n)), jnp.int32) for n in (12, 9))
+    pos1, pos2 = jnp.arange(12, dtype=jnp.int32)[None], jnp.arange(12, 21, dtype=jnp.int32)[None]
+
+    alone = init_cache(config, 1, 40)
+    _, alone = run(params, first, pos1, alone)
+    expected, alone = run(params, second, pos2, alone)
+
+    full = init_cache(config, 3, 40, per_row_index=True)
+    others = jax.tree.map(lambda a: a + 1 if a.dtype == jnp.float32 else a, full)
+    view = others._replace(index=jnp.int32(0), row=jnp.int32(1))
+    _, view = run(params, first, pos1, view)
+    logits, view = run(params, second, pos2, view)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), atol=1e-5)
+    assert int(view.index) == 21
+    # Per layer (a tuple's arrays, or a stacked array's slices): [rows, kv_heads, slots, head_dim].
+    for got, want, untouched in zip(view.k, alone.k, others.k):
+        np.testing.assert_allclose(np.asarray(got)[1, :, :21], np.asarray(want)[0, :, :21], atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(got)[[0, 2]], np.asarray(untouched)[[0, 2]])
+    np.testing.assert_array_equal(np.asarray(view.positions)[1, :21], np.arange(21))
+    assert (np.asarray(view.positions)[[0, 2]] == -1).all()
 
 
 def test_blockwise_attention_in_bf16_stays_near_the_einsum_reference():

@@ -3,8 +3,8 @@
 
     decode_steps    one token (or a few, while no prompt waits) for every slot: [S, 1] through the model;
                     slots not decoding pass position -1, so nothing they write is ever attended to
-    prefill_chunk   C prompt tokens of one slot: that slot's row is sliced out of the cache, run as a batch of
-                    one and written back, so a prompt fills its slot while the other slots keep their state
+    prefill_chunk   C prompt tokens of one slot, run as a batch of one that reads and writes only that slot's row
+                    of the cache, in place, so a prompt fills its slot while the other slots keep their state
 
 Every per-request setting (sampling, the slot, its index, its position) is a traced array: the compiled decode
 steps serve any mix of requests, and prefill compiles once per chunk bucket (and once more per bucket for a
@@ -85,17 +85,6 @@ def decode_steps(params, cache: KVCache, tokens, positions, index, sampling: Slo
     return cache, out
 
 
-def _rows(fn, cache: KVCache, *others: KVCache) -> KVCache:
-    """fn(batch_axis, array, *the same array of others) over every array of the cache, in its K/V layout (a tuple
-    of per-layer arrays, or one array stacked on a leading layers axis)."""
-    if isinstance(cache.k, tuple):
-        k, v = (tuple(fn(0, *arrays) for arrays in zip(*(getattr(c, name) for c in (cache, *others))))
-                for name in ("k", "v"))
-    else:
-        k, v = (fn(1, *(getattr(c, name) for c in (cache, *others))) for name in ("k", "v"))
-    return cache._replace(k=k, v=v, positions=fn(0, *(c.positions for c in (cache, *others))))
-
-
 @partial(jax.jit, static_argnames=("config", "ops", "all_logits"), donate_argnames=("cache",))
 def prefill_chunk(params, cache: KVCache, slot, tokens, positions, targets, index, fresh, sampling: SlotSampling,
                   *, config: LlamaConfig, ops: Ops, all_logits: bool):
@@ -106,14 +95,17 @@ def prefill_chunk(params, cache: KVCache, slot, tokens, positions, targets, inde
     index: the slot's next free cache slot. fresh: the chunk starts a new request (earlier positions are wiped).
     """
     SLOT_TRACE_COUNTS[f"prefill_chunk_{tokens.shape[0]}{'_logits' if all_logits else ''}"] += 1
-    row = _rows(lambda axis, a: jax.lax.dynamic_slice_in_dim(a, slot, 1, axis), cache)
-    row = row._replace(positions=jnp.where(fresh, -1, row.positions), index=index)
+    # The chunk reads and writes the slot's row in place (KVCache.row): copying the row out and back cost more
+    # than a short chunk's own compute on a CPU.
+    wiped = jnp.where(fresh, -1, jax.lax.dynamic_slice_in_dim(cache.positions, slot, 1, 0))
+    view = cache._replace(positions=jax.lax.dynamic_update_slice_in_dim(cache.positions, wiped, slot, 0),
+                          index=index, row=slot)
     tokens, positions = tokens[None], positions[None]
     prompt = None
     if all_logits:
-        logits, row = forward(params, tokens, positions, row, config=config, ops=ops)
+        logits, view = forward(params, tokens, positions, view, config=config, ops=ops)
         prompt = token_logprobs(logits[0], targets, jnp.bool_(True))
     else:
-        logits, row = forward(params, tokens, positions, row, config=config, ops=ops, last_only=True)
-    cache = _rows(lambda axis, a, r: jax.lax.dynamic_update_slice_in_dim(a, r, slot, axis), cache, row)
+        logits, view = forward(params, tokens, positions, view, config=config, ops=ops, last_only=True)
+    cache = view._replace(index=cache.index, row=None)
     return cache, _sample(logits[:, -1], sampling), prompt

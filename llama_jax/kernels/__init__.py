@@ -49,7 +49,7 @@ class Ops:
         return dense(x, w, n_in, self.dense_kernel)
 
     def attention(self, q, k, v, *, q_positions=None, kv_positions=None, kv_len=None, heads_first: bool = False,
-                  layer=None, segment_ids=None):
+                  layer=None, segment_ids=None, row=None):
         """Grouped-query attention; returns [batch, q_len, heads, head_dim].
 
         q [batch, q_len, heads, head_dim]; k, v [batch, kv_len, kv_heads, head_dim], or with heads_first
@@ -61,6 +61,7 @@ class Ops:
         than q's (the cache's); they are computed with in q's. layer: k and v are a KVCache's per-layer tuples or
         stacked [layers, ...] arrays, of which this layer is read. segment_ids [batch, q_len] (self-attention of
         packed training rows): a query sees the keys of its own segment up to itself; positions then only rotate.
+        row: the cache row that q's batch of one attends to (a scalar), where k, v and kv_positions hold every row.
         """
         if segment_ids is not None:
             return attn.document_causal(q, k, v, segment_ids, self.attention_kernel)
@@ -68,7 +69,9 @@ class Ops:
             return attn.plain_causal(q, k, v, self.attention_kernel)
         if isinstance(k, tuple):
             k, v, layer = k[layer], v[layer], None
-        if (self.cache_kernel == "cpu_rows" and heads_first and kv_len is not None and layer is None
+        if row is not None:
+            kv_positions = jax.lax.dynamic_slice_in_dim(kv_positions, row, q.shape[0], 0)
+        if (self.cache_kernel == "cpu_rows" and heads_first and kv_len is not None and layer is None and row is None
                 and decode_attention.applies(q, k)):
             return decode_attention.attention(q, k, v, q_positions, kv_positions, kv_len)
         if kv_len is not None:
@@ -78,9 +81,11 @@ class Ops:
                    and q.shape[1] == 1)
         if keys > self.attention_block and not (windows and keys <= CPU_WINDOWS_MAX_KEYS):
             return attn.blockwise_attention(q, k, v, q_positions, kv_positions, kv_len, heads_first,
-                                            self.attention_block, layer)
+                                            self.attention_block, layer, row)
         if layer is not None:
             k, v = k[layer], v[layer]
+        if row is not None:
+            k, v = (jax.lax.dynamic_slice_in_dim(a, row, q.shape[0], 0) for a in (k, v))
         k, v = k.astype(q.dtype), v.astype(q.dtype)
         mask = attn.position_mask(q_positions, kv_positions)
         if windows:

@@ -132,29 +132,31 @@ def _elementwise_attention(q, k, v, mask, slots: int):
     return out.astype(v.dtype).reshape(b, 1, h, d)
 
 
-def blockwise_attention(q, k, v, q_positions, kv_positions, kv_len, heads_first: bool, block: int, layer=None):
+def blockwise_attention(q, k, v, q_positions, kv_positions, kv_len, heads_first: bool, block: int, layer=None,
+                        row=None):
     """The position mask's attention (see `position_mask`) in blocks, flash style, for long prompts and caches:
     at most `block` queries × `block` keys of scores exist at a time, whatever the lengths. An online softmax
     carries each query's running max, sum and output in fp32 across key blocks; scores are computed in the compute
     dtype, as Meta's. Only slots below `kv_len` are read. q [b, t, h, d]; k, v [b, s, g, d] or heads first
     [b, g, s, d], in any dtype (each block is cast to q's); with `layer`, k and v are stacked on a leading layers
-    axis and each block is read from that layer in place, where slicing the layer out first would copy it. A query
+    axis and each block is read from that layer in place, where slicing the layer out first would copy it; with
+    `row` (a scalar), q's batch of one reads only that row of k and v, in place too (kv_positions: that row's). A query
     that sees no key at all (padding) gets the mean of the values it visited: ignorable, as on the einsum path,
     though not the same numbers."""
     b, t, h, d = q.shape
     if t <= block:
-        return _key_blocks(q, k, v, q_positions, kv_positions, kv_len, heads_first, block, layer)
+        return _key_blocks(q, k, v, q_positions, kv_positions, kv_len, heads_first, block, layer, row)
     # Query blocks one after another; the queries are padded (position -1) to whole blocks.
     n = -(-t // block)
     pad = n * block - t
     qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, block, h, d).swapaxes(0, 1)
     pp = jnp.pad(q_positions, ((0, 0), (0, pad)), constant_values=-1).reshape(b, n, block).swapaxes(0, 1)
-    out = jax.lax.map(lambda x: _key_blocks(x[0], k, v, x[1], kv_positions, kv_len, heads_first, block, layer),
+    out = jax.lax.map(lambda x: _key_blocks(x[0], k, v, x[1], kv_positions, kv_len, heads_first, block, layer, row),
                       (qp, pp))
     return out.swapaxes(0, 1).reshape(b, n * block, h, d)[:, :t]
 
 
-def _key_blocks(q, k, v, q_positions, kv_positions, kv_len, heads_first: bool, block: int, layer):
+def _key_blocks(q, k, v, q_positions, kv_positions, kv_len, heads_first: bool, block: int, layer, row):
     b, t, h, d = q.shape
     axis = 2 if heads_first else 1
     shape = k.shape[-4:]
@@ -162,11 +164,16 @@ def _key_blocks(q, k, v, q_positions, kv_positions, kv_len, heads_first: bool, b
     block = min(block, s)
 
     def read(a, start):
-        if layer is None:
-            return jax.lax.dynamic_slice_in_dim(a, start, block, axis)
-        starts = [layer, 0, 0, 0, 0]
-        starts[axis + 1] = start
-        return jax.lax.dynamic_slice(a, starts, (1, *shape[:axis], block, *shape[axis + 1:]))[0]
+        """One block of keys (or values) of every row, or of `row`, from `layer`'s array, without copying more."""
+        lead = 0 if layer is None else 1
+        starts, sizes = [0] * a.ndim, list(a.shape)
+        if layer is not None:
+            starts[0], sizes[0] = layer, 1
+        if row is not None:
+            starts[lead], sizes[lead] = row, b
+        starts[lead + axis], sizes[lead + axis] = start, block
+        out = jax.lax.dynamic_slice(a, starts, sizes)
+        return out if layer is None else out[0]
 
     q = q.reshape(b, t, g, h // g, d)
     kv = "bgsd" if heads_first else "bsgd"
