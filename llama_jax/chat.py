@@ -151,22 +151,29 @@ def fit_dialog(tokenizer: Tokenizer, dialog: list[dict], max_len: int) -> tuple[
 
 
 class IncrementalDecoder:
-    """Turns a growing id sequence into text deltas for streaming.
+    """Turns a growing id sequence into text deltas for streaming, in time linear in its length.
 
-    Decodes the whole sequence each time (SentencePiece drops a word's leading space when pieces are decoded
-    one by one) and holds back a trailing U+FFFD, which means a multi-byte character is still incomplete.
+    Each push decodes a short window: the ids since the start of the previous delta. SentencePiece drops a word's
+    leading space when pieces are decoded one by one, so the window's text is compared with its already-sent
+    prefix decoded the same way, and the difference is the delta. A trailing U+FFFD means a multi-byte character
+    is still incomplete: it is held back until the next ids complete it.
     """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
+        self.start = 0  # the window's first id
+        self.sent = 0  # ids before this one are in the deltas returned so far
         self.text = ""
 
     def push(self, ids: Sequence[int]) -> str:
         self.ids.extend(int(i) for i in ids)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):
+        window = self.ids[self.start:]
+        before = self.tokenizer.decode(window[:self.sent - self.start])
+        text = self.tokenizer.decode(window)
+        if text.endswith("\ufffd") or len(text) <= len(before):
             return ""
-        delta = text[len(self.text):] if text.startswith(self.text) else text
-        self.text = text
+        delta = text[len(before):]
+        self.start, self.sent = self.sent, len(self.ids)
+        self.text += delta
         return delta

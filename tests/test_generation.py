@@ -203,17 +203,33 @@ def test_unknown_compiler_option_falls_back_to_defaults():
     assert odd.compiler_options == {}
 
 
-@needs_llama2_tokenizer
-def test_incremental_decoder_deltas_join_to_full_text():
+@pytest.mark.parametrize("name", ["llama2", "llama3"])
+def test_incremental_decoder_deltas_join_to_full_text(name):
+    """Deltas of a text's ids, one by one, and of random ids (byte pieces that split characters included) in
+    chunks of random sizes, join to the tokenizer's decoding of the whole sequence."""
     from llama_jax.tokenizer import load_tokenizer
 
-    tok = load_tokenizer(LLAMA2_TOKENIZER)
+    path = TOKENIZERS / name / "tokenizer.model"
+    if not path.is_file():
+        pytest.skip(f"real {name} tokenizer not found at {path}")
+    tok = load_tokenizer(path)
     text = "Hello wörld, 日本語 and emoji 🙂 end."
-    ids = tok.encode(text, bos=True, eos=False)
+    ids = tok.encode(text, bos=False, eos=False)  # Llama 3 decodes its BOS as text
     dec = IncrementalDecoder(tok)
     deltas = [dec.push([i]) for i in ids]
-    assert "".join(deltas) == tok.decode(ids) == text
+    assert "".join(deltas) == tok.decode(ids) == text == dec.text
     assert "\ufffd" not in "".join(deltas)
+
+    rng = np.random.default_rng(0)
+    word = tok.encode(" end", bos=False, eos=False)  # a complete last piece: nothing is held back at the end
+    for _ in range(20):
+        ids = [*map(int, rng.integers(3, min(tok.vocab_size, 128000), size=300)), *word]
+        dec, deltas, i = IncrementalDecoder(tok), [], 0
+        while i < len(ids):
+            n = int(rng.integers(1, 5))
+            deltas.append(dec.push(ids[i:i + n]))
+            i += n
+        assert "".join(deltas) == tok.decode(ids)
 
 
 @needs_llama2_tokenizer
