@@ -95,8 +95,8 @@ def prefill_chunk(params, cache: KVCache, slot, tokens, positions, targets, inde
     index: the slot's next free cache slot. fresh: the chunk starts a new request (earlier positions are wiped).
     """
     SLOT_TRACE_COUNTS[f"prefill_chunk_{tokens.shape[0]}{'_logits' if all_logits else ''}"] += 1
-    # The chunk reads and writes the slot's row in place (KVCache.row): copying the row out and back cost more
-    # than a short chunk's own compute on a CPU.
+    # The chunk reads and writes the slot's row in place (KVCache.row): copying the row out and back cost as much
+    # as a short chunk's own compute on a CPU.
     wiped = jnp.where(fresh, -1, jax.lax.dynamic_slice_in_dim(cache.positions, slot, 1, 0))
     view = cache._replace(positions=jax.lax.dynamic_update_slice_in_dim(cache.positions, wiped, slot, 0),
                           index=index, row=slot)
