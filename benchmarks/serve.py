@@ -4,7 +4,8 @@
     python benchmarks/serve.py --checkpoint models/llama3-8b --requests 128 --rate 2
 
 Requests: random token-id prompts of --min-prompt..--max-prompt tokens, greedy outputs of --min-output..
---max-output tokens. Two loads for each system:
+--max-output tokens, each length drawn uniformly in its range, or with --lengths lognormal from a long tail in the
+same range (median a quarter of the maximum, sigma 1), as lengths in chat traffic are. Two loads for each system:
 - saturation: every request sent at once; output tokens per second over the whole run, in --pairs alternating
   runs of the two systems (the ratio is the median of the pairs': a shared machine's speed drifts over minutes);
 - Poisson arrivals at --rate requests/s: time to first token and inter-token latency, p50 and p90.
@@ -44,6 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-prompt", type=int, default=512)
     p.add_argument("--min-output", type=int, default=8)
     p.add_argument("--max-output", type=int, default=256)
+    p.add_argument("--lengths", choices=("uniform", "lognormal"), default="uniform",
+                   help="how prompt and output lengths spread over their ranges")
     p.add_argument("--rate", type=float, default=1.0, help="Poisson arrivals per second")
     p.add_argument("--max-slots", type=int, default=8)
     p.add_argument("--prefill-budget", type=int, default=256)
@@ -57,9 +60,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def make_requests(args, count: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
     rng = np.random.default_rng(seed)
+
+    def lengths(low: int, high: int) -> np.ndarray:
+        if args.lengths == "uniform":
+            return rng.integers(low, high + 1, size=count)
+        return np.clip(np.round(rng.lognormal(np.log(high / 4), 1.0, size=count)), low, high).astype(int)
+
     return [([1, *map(int, rng.integers(3, vocab, size=int(n) - 1))], int(m))
-            for n, m in zip(rng.integers(args.min_prompt, args.max_prompt + 1, size=count),
-                            rng.integers(args.min_output, args.max_output + 1, size=count))]
+            for n, m in zip(lengths(args.min_prompt, args.max_prompt), lengths(args.min_output, args.max_output))]
 
 
 def arrivals(count: int, rate: float, seed: int) -> np.ndarray:
@@ -276,7 +284,8 @@ def main(argv=None) -> int:
             rows.append(run_engine(args, gen, tok, saturation))
     print(f"{len(saturation)} requests at once (saturation, {args.pairs} alternating pairs), {len(poisson)} at "
           f"{args.rate}/s (Poisson); prompts {args.min_prompt}-{args.max_prompt} tokens, outputs {args.min_output}-"
-          f"{args.max_output}, greedy; {args.max_slots} slots; {os.cpu_count()} CPUs")
+          f"{args.max_output} ({args.lengths}; mean {np.mean([len(p) for p, _ in saturation]):.0f} and "
+          f"{np.mean([m for _, m in saturation]):.0f}), greedy; {args.max_slots} slots; {os.cpu_count()} CPUs")
     print("| system | output tokens/s (saturation, median) | TTFT p50 / p90 (ms) | inter-token p50 / p90 (ms) |")
     print("|---|---|---|---|")
     for r in rows:
