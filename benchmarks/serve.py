@@ -1,7 +1,9 @@
 """Continuous batching (serve.py) against static batches (Generator), the same requests in the same run.
 
     python benchmarks/serve.py --preset small-100m --tokenizer ../shared/tokenizers/llama2/tokenizer.model
-    python benchmarks/serve.py --checkpoint models/llama3-8b --requests 128 --rate 2
+    python benchmarks/serve.py --preset llama3.1-8b --dtype bfloat16 --max-seq-len 4096 \
+        --tokenizer ../shared/tokenizers/llama3/tokenizer.model --rate 2             # a GPU
+    python benchmarks/serve.py --checkpoint models/llama3.1-8b --max-seq-len 4096 --rate 2
 
 Requests: random token-id prompts of --min-prompt..--max-prompt tokens, greedy outputs of --min-output..
 --max-output tokens, each length drawn uniformly in its range, or with --lengths lognormal from a long tail in the
@@ -37,6 +39,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", metavar="DIR", help="model folder (default: random weights of --preset)")
     p.add_argument("--preset", default="small-100m")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="parameter and compute dtype of the random-weights model")
+    p.add_argument("--max-seq-len", type=int, metavar="N",
+                   help="context per slot and per static row (default: the model's; Llama 3.1's 128k would not fit "
+                        "8 slots on one GPU)")
     p.add_argument("--tokenizer", default=str(ROOT.parent / "shared" / "tokenizers" / "llama2" / "tokenizer.model"),
                    help="tokenizer for the random-weights model folder")
     p.add_argument("--requests", type=int, default=128)
@@ -132,6 +139,8 @@ class Server:
         self.cmd = [sys.executable, str(ROOT / "serve.py"), "--checkpoint", str(model_dir), "--port",
                     str(args.port), "--max-slots", str(args.max_slots), "--prefill-budget", str(args.prefill_budget),
                     "--max-queue", str(queue)]
+        if args.max_seq_len:
+            self.cmd += ["--max-seq-len", str(args.max_seq_len)]
         self.url = f"http://127.0.0.1:{args.port}"
 
     def __enter__(self) -> "Server":
@@ -241,7 +250,7 @@ def random_model(args, folder: Path) -> Path:
     from llama_jax.config import preset
     from llama_jax.model import init_params
 
-    config = preset(args.preset)
+    config = preset(args.preset, dtype=args.dtype, param_dtype=args.dtype)
     save_model(folder / args.preset, init_params(config, jax.random.key(args.seed)), config, args.tokenizer)
     return folder / args.preset
 
@@ -254,12 +263,15 @@ def main(argv=None) -> int:
         from llama_jax.generation import Generator
         from llama_jax.tokenizer import load_tokenizer
 
-        vocab = min(load_config(model_dir).vocab_size, 32000)
+        config = load_config(model_dir)
+        if args.max_seq_len:
+            config = config.replace(max_seq_len=args.max_seq_len)
+        vocab = min(config.vocab_size, 32000)
         saturation = make_requests(args, args.requests, vocab, args.seed)
         poisson = make_requests(args, args.poisson_requests or args.requests, vocab, args.seed + 1)
         delays = arrivals(len(poisson), args.rate, args.seed + 2)
         tok = load_tokenizer(model_dir / TOKENIZER_FILE)
-        gen = Generator.from_checkpoint(model_dir, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+        gen = Generator.from_checkpoint(model_dir, config, stop_ids=tok.stop_ids, pad_id=tok.pad_id)
         served, static = [], []
         with Server(args, model_dir, max(len(saturation), len(poisson))) as server:
             # Saturation in alternating pairs (the server, then the static batches): this machine's speed drifts
