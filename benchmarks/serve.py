@@ -146,10 +146,14 @@ class Server:
     def __enter__(self) -> "Server":
         import httpx
 
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+        # Its log goes to a file: a server that fails to start says why there (a bad flag, a cache that won't fit).
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=self.log, cwd=ROOT)
         while True:
             if self.proc.poll() is not None:
-                raise SystemExit(f"serve.py exited with {self.proc.returncode}")
+                self.log.seek(0)
+                lines = self.log.read().strip().splitlines() or ["(no output)"]
+                raise SystemExit(f"serve.py exited with {self.proc.returncode}: {lines[-1]}")
             try:
                 if httpx.get(f"{self.url}/health").status_code == 200:
                     return self
@@ -159,6 +163,7 @@ class Server:
     def __exit__(self, *exc) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=60)
+        self.log.close()
 
     def health(self) -> dict:
         import httpx
