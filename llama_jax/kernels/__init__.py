@@ -10,18 +10,23 @@ the result is handed to the model. `Ops` names its kernels with strings, so it i
                  otherwise the windows)
     blockwise    attention over more than `attention_block` keys with positions (long prompts, long caches) runs
                  in blocks with an online softmax on every backend, in bounded memory
+    chunk        a prompt chunk's blockwise attention over the cache: blockwise (the portable loop above) | pallas
+                 (one fused Pallas kernel on a GPU, bf16/fp16) | pallas_interpret (the same kernel through
+                 Pallas's interpreter, anywhere: for tests), on one device. LLAMA_JAX_CHUNK_ATTENTION chooses
+                 it; default blockwise
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
 
-from llama_jax.config import LlamaConfig
+from llama_jax.config import ConfigError, LlamaConfig
 from llama_jax.kernels import attention as attn
-from llama_jax.kernels import decode_attention
+from llama_jax.kernels import chunk_attention, decode_attention
 from llama_jax.kernels.dense import dense
 from llama_jax.kernels.lora import LoraWeight
 from llama_jax.kernels.packed_matmul import PackedWeight
@@ -43,6 +48,7 @@ class Ops:
     cache_kernel: str = "einsum"
     # Attention over more keys than this runs blockwise (flash style) in blocks of this many queries and keys.
     attention_block: int = 512
+    chunk_kernel: str = "blockwise"
 
     def dense(self, x, w, n_in: int = 1):
         """x [*batch, *in] times w [*in, *out] (an array, a PackedWeight or a LoraWeight), contracting n_in axes."""
@@ -80,6 +86,10 @@ class Ops:
         windows = (self.cache_kernel in ("cpu_windows", "cpu_rows") and heads_first and kv_len is not None
                    and q.shape[1] == 1)
         if keys > self.attention_block and not (windows and keys <= CPU_WINDOWS_MAX_KEYS):
+            if (self.chunk_kernel != "blockwise" and heads_first and layer is None and row is None
+                    and chunk_attention.applies(q, k)):
+                return chunk_attention.attention(q, k, v, q_positions, kv_positions, kv_len,
+                                                 interpret=self.chunk_kernel == "pallas_interpret")
             return attn.blockwise_attention(q, k, v, q_positions, kv_positions, kv_len, heads_first,
                                             self.attention_block, layer, row)
         if layer is not None:
@@ -112,11 +122,28 @@ def select_ops(config: LlamaConfig, backend: str | None = None, mesh=None) -> Op
         fused = (backend in GPU_BACKENDS and config.compute_dtype in (jnp.bfloat16, jnp.float16)
                  and config.head_dim % 8 == 0 and config.head_dim <= 128)
         attention = "cudnn" if fused else "xla"
-    # An FFI kernel is one device's code: XLA would gather a sharded cache to run it, so a mesh keeps XLA's ops.
-    cache = ("cpu_rows" if mesh is None or mesh.size == 1 else "cpu_windows") if cpu else "einsum"
+    # An FFI or Pallas kernel is one device's code: XLA would gather a sharded cache to run it, so a mesh keeps
+    # XLA's ops.
+    one_device = mesh is None or mesh.size == 1
+    cache = ("cpu_rows" if one_device else "cpu_windows") if cpu else "einsum"
+    chunk = chunk_kernel_choice(backend)
     # Larger products suit a GPU; neither block size is tuned.
     return Ops(dense_kernel="cpu" if cpu else "xla", attention_kernel=attention, cache_kernel=cache,
-               attention_block=512 if cpu else 1024)
+               attention_block=512 if cpu else 1024, chunk_kernel=chunk if one_device else "blockwise")
+
+
+CHUNK_KERNELS = ("blockwise", "pallas", "pallas_interpret")
+
+
+def chunk_kernel_choice(backend: str) -> str:
+    """LLAMA_JAX_CHUNK_ATTENTION, checked; without it the portable loop (docs/design.md says why)."""
+    choice = os.environ.get("LLAMA_JAX_CHUNK_ATTENTION", "blockwise")
+    if choice not in CHUNK_KERNELS:
+        raise ConfigError(f"LLAMA_JAX_CHUNK_ATTENTION={choice!r}; expected one of {CHUNK_KERNELS}")
+    if choice == "pallas" and backend not in GPU_BACKENDS:
+        raise ConfigError(f"LLAMA_JAX_CHUNK_ATTENTION=pallas compiles for a GPU, and this backend is {backend!r}; "
+                          f"pallas_interpret runs the same kernel here")
+    return choice
 
 
 # XLA:CPU hands dots to YNNPACK by default; decoding multiplies a few rows by each weight matrix, where Eigen's GEMM
