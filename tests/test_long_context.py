@@ -42,7 +42,10 @@ def assert_logits_close(ours, reference, rel=1e-4):
 @pytest.mark.parametrize("heads_first", [True, False])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
 @pytest.mark.parametrize("q_len,kv_len", [(1, 21), (5, 37), (20, 29), (37, None)])
-def test_blockwise_attention_equals_einsum_reference(heads_first, heads, kv_heads, q_len, kv_len):
+@pytest.mark.parametrize("budget_queries", [0, 6])
+def test_blockwise_attention_equals_einsum_reference(heads_first, heads, kv_heads, q_len, kv_len, budget_queries):
+    # budget_queries 6: a scores budget of 6 queries per block, so 20 queries go in 4 blocks of 5 and 37 in 7 of 6
+    # (five of them padding); 0: blocks of BLOCK queries.
     rng = np.random.default_rng(q_len)
     b, s, d = 3, 37, 8
     q = jnp.asarray(rng.standard_normal((b, q_len, heads, d)), jnp.float32)
@@ -57,8 +60,9 @@ def test_blockwise_attention_equals_einsum_reference(heads_first, heads, kv_head
     q_positions[2, 0] = 2  # a query that sees only an early prefix
     mask = attn.position_mask(jnp.asarray(q_positions), jnp.asarray(kv_positions))
     reference = attn.einsum_attention(q, k, v, mask, heads_first)
-    run = jax.jit(attn.blockwise_attention, static_argnums=(6, 7))
-    out = run(q, k, v, jnp.asarray(q_positions), jnp.asarray(kv_positions), kv_len, heads_first, BLOCK)
+    run = jax.jit(attn.blockwise_attention, static_argnums=(6, 7), static_argnames="scores_budget")
+    out = run(q, k, v, jnp.asarray(q_positions), jnp.asarray(kv_positions), kv_len, heads_first, BLOCK,
+              scores_budget=4 * b * heads * BLOCK * budget_queries)
     seen = np.asarray(mask.any(-1))  # rows that see no key at all are padding: ignorable on both paths
     assert seen.sum() > q_len
     np.testing.assert_allclose(np.asarray(out)[seen], np.asarray(reference)[seen], atol=2e-6)

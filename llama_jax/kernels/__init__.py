@@ -36,6 +36,10 @@ __all__ = ["LoraWeight", "Ops", "PackedWeight", "decode_compiler_options", "defa
 
 GPU_BACKENDS = ("gpu", "cuda", "rocm")
 
+# A block's scores on a CPU: 4 MiB, as 8 heads x 256 queries x 512 keys in fp32, was the fastest block of queries
+# for heads of 32 and of 128 alike (docs/design.md).
+CPU_SCORES_BUDGET = 4 << 20
+
 # A CPU decode step reads caches up to this long through the decode windows, longer ones blockwise: past a few
 # thousand slots the blockwise loop, which stops at the filled part, was faster (docs/design.md).
 CPU_WINDOWS_MAX_KEYS = 2048
@@ -48,6 +52,9 @@ class Ops:
     cache_kernel: str = "einsum"
     # Attention over more keys than this runs blockwise (flash style) in blocks of this many queries and keys.
     attention_block: int = 512
+    # Blockwise queries go in blocks whose fp32 scores fit in this many bytes (0: `attention_block` queries). On a
+    # CPU a block's scores then stay in cache across the softmax's passes over them.
+    scores_budget: int = 0
     chunk_kernel: str = "blockwise"
 
     def dense(self, x, w, n_in: int = 1):
@@ -91,7 +98,7 @@ class Ops:
                 return chunk_attention.attention(q, k, v, q_positions, kv_positions, kv_len,
                                                  interpret=self.chunk_kernel == "pallas_interpret")
             return attn.blockwise_attention(q, k, v, q_positions, kv_positions, kv_len, heads_first,
-                                            self.attention_block, layer, row)
+                                            self.attention_block, layer, row, self.scores_budget)
         if layer is not None:
             k, v = k[layer], v[layer]
         if row is not None:
@@ -129,7 +136,8 @@ def select_ops(config: LlamaConfig, backend: str | None = None, mesh=None) -> Op
     chunk = chunk_kernel_choice(backend)
     # Larger products suit a GPU; neither block size is tuned.
     return Ops(dense_kernel="cpu" if cpu else "xla", attention_kernel=attention, cache_kernel=cache,
-               attention_block=512 if cpu else 1024, chunk_kernel=chunk if one_device else "blockwise")
+               attention_block=512 if cpu else 1024, scores_budget=CPU_SCORES_BUDGET if cpu else 0,
+               chunk_kernel=chunk if one_device else "blockwise")
 
 
 CHUNK_KERNELS = ("blockwise", "pallas", "pallas_interpret")

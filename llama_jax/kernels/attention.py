@@ -133,7 +133,7 @@ def _elementwise_attention(q, k, v, mask, slots: int):
 
 
 def blockwise_attention(q, k, v, q_positions, kv_positions, kv_len, heads_first: bool, block: int, layer=None,
-                        row=None):
+                        row=None, scores_budget: int = 0):
     """The position mask's attention (see `position_mask`) in blocks, flash style, for long prompts and caches:
     at most `block` queries × `block` keys of scores exist at a time, whatever the lengths. An online softmax
     carries each query's running max, sum and output in fp32 across key blocks; scores are computed in the compute
@@ -142,18 +142,23 @@ def blockwise_attention(q, k, v, q_positions, kv_positions, kv_len, heads_first:
     axis and each block is read from that layer in place, where slicing the layer out first would copy it; with
     `row` (a scalar), q's batch of one reads only that row of k and v, in place too (kv_positions: that row's). A query
     that sees no key at all (padding) gets the mean of the values it visited: ignorable, as on the einsum path,
-    though not the same numbers."""
+    though not the same numbers. scores_budget: bytes; queries go in blocks small enough that one block's fp32
+    scores fit in it (0: blocks of `block` queries)."""
     b, t, h, d = q.shape
-    if t <= block:
+    queries = block
+    if scores_budget:
+        queries = min(block, max(1, scores_budget // (4 * b * h * block)))
+    if t <= queries:
         return _key_blocks(q, k, v, q_positions, kv_positions, kv_len, heads_first, block, layer, row)
-    # Query blocks one after another; the queries are padded (position -1) to whole blocks.
-    n = -(-t // block)
-    pad = n * block - t
-    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, block, h, d).swapaxes(0, 1)
-    pp = jnp.pad(q_positions, ((0, 0), (0, pad)), constant_values=-1).reshape(b, n, block).swapaxes(0, 1)
+    # Query blocks one after another, as even as can be; the queries are padded (position -1) to whole blocks.
+    n = -(-t // queries)
+    size = -(-t // n)
+    pad = n * size - t
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, n, size, h, d).swapaxes(0, 1)
+    pp = jnp.pad(q_positions, ((0, 0), (0, pad)), constant_values=-1).reshape(b, n, size).swapaxes(0, 1)
     out = jax.lax.map(lambda x: _key_blocks(x[0], k, v, x[1], kv_positions, kv_len, heads_first, block, layer, row),
                       (qp, pp))
-    return out.swapaxes(0, 1).reshape(b, n * block, h, d)[:, :t]
+    return out.swapaxes(0, 1).reshape(b, n * size, h, d)[:, :t]
 
 
 def _key_blocks(q, k, v, q_positions, kv_positions, kv_len, heads_first: bool, block: int, layer, row):
