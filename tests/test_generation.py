@@ -193,6 +193,8 @@ def test_cpu_compiler_options_reach_the_compiled_decode_loop():
     assert any("ynn_fusion" in exe.as_text() for key, exe in plain.executables.items() if key[0] == "decode")
     assert plain.generate([list(PROMPTS[0])], max_new_tokens=4).tokens == gen.generate([list(PROMPTS[0])],
                                                                                         max_new_tokens=4).tokens
+    # Prefill keeps XLA's defaults: its products have a prompt's rows, where YNNPACK was faster.
+    assert all("ynn_fusion" in exe.as_text() for key, exe in gen.executables.items() if key[0] == "prefill")
 
 
 def test_unknown_compiler_option_falls_back_to_defaults():
@@ -200,7 +202,7 @@ def test_unknown_compiler_option_falls_back_to_defaults():
     odd = Generator(PARAMS, CONFIG, compiler_options={"xla_no_such_option_here": ""})
     out = odd.generate([list(PROMPTS[1])], max_new_tokens=N_NEW)
     assert tuple(out.tokens[0]) == uncached_greedy(tuple(PROMPTS[1]), N_NEW)
-    assert odd.compiler_options == {}
+    assert odd.compiler_options == odd.prefill_compiler_options == {}
 
 
 @pytest.mark.parametrize("name", ["llama2", "llama3"])

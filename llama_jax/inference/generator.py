@@ -97,7 +97,8 @@ class Generator:
     scan_layers: False (default) unrolls the layers in the compiled functions (the weights are unstacked once,
     here): under a scan, XLA:CPU copies each layer's weights out of the stacked arrays at every step. Unrolling
     costs compile time, linear in n_layers.
-    compiler_options: XLA options for every compiled function (default: kernels.decode_compiler_options()).
+    compiler_options: XLA options for every compiled function (default: kernels.decode_compiler_options() for
+    the decode loop, XLA's defaults for prefill, whose many-row products they suit).
     packed_weights: multiply by weights packed for the CPU decoding kernel (kernels/packed_matmul). None
     (default) packs them where that applies: a CPU, an fp32 model, the kernel built; True insists
     (GenerationError where it cannot); False keeps XLA's dot. Packing copies the weights once, here.
@@ -171,6 +172,7 @@ class Generator:
         self.executables: dict[tuple, Any] = {}
         self.compile_seconds = 0.0  # total spent compiling, for reporting it apart from generation time
         self.compiler_options = dict(decode_compiler_options() if compiler_options is None else compiler_options)
+        self.prefill_compiler_options = {} if compiler_options is None else dict(compiler_options)
 
     # -- inputs
 
@@ -274,8 +276,9 @@ class Generator:
         """The executable for `key`, compiled ahead of time on first use (so compile time is measured apart)."""
         if key not in self.executables:
             t0 = time.perf_counter()
-            self.executables[key], self.compiler_options = compile_ahead(fn, args, static, self.mesh,
-                                                                         self.compiler_options)
+            options = "prefill_compiler_options" if key[0] == "prefill" else "compiler_options"
+            self.executables[key], used = compile_ahead(fn, args, static, self.mesh, getattr(self, options))
+            setattr(self, options, used)
             self.compile_seconds += time.perf_counter() - t0
         return self.executables[key]
 
