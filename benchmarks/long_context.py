@@ -1,4 +1,4 @@
-"""Long prompts: the compiled prefill's memory for the llama3.1-8b shape, and CPU prefill time for a small model.
+"""Long prompts: the compiled prefill's memory for the llama3.1-8b shape, and CPU prefill time against Hugging Face.
 
 Table 1 compiles `engine.prefill` for the llama3.1-8b shape (all 32 layers, unrolled as the Generator runs them,
 or under nn.scan with --scan-layers; fp32 weights as abstract shapes, nothing allocated) at 8k, 32k and 128k
@@ -9,12 +9,16 @@ every length, and at 128k ≤ 1.05 × the 8k value.
 Table 2 times prefill (compiled first, best of --rounds) of a small random model (dim 256, 2 layers, 8 heads)
 on this machine's CPU: chunked (--prefill-chunk tokens at a time), the prompt in one piece (blockwise attention
 still bounds its scores), and the prompt in one piece through the einsum reference attention (the whole
-[heads, prompt, prompt] score matrix) where that fits in --einsum-max tokens. Table 3 times one decode step's
+[heads, prompt, prompt] score matrix) where that fits in --einsum-max tokens, and the Generator's time to first
+token (what generate.py runs: the packed CPU weights, chunks of --prefill-chunk), next to Hugging Face's (fp32, SDPA
+attention, one forward of the prompt with its cache). --time-shape wide uses heads of 128, as
+the released Llamas do (dim 2048, 16 heads, 8 KV heads, 2 layers). Table 3 times one decode step's
 attention over a long cache, the CPU decode windows against the blockwise loop, which is how
 CPU_WINDOWS_MAX_KEYS was chosen.
 
     python benchmarks/long_context.py                      # all three tables (a few minutes on a CPU)
     python benchmarks/long_context.py --skip-memory --lengths 1024 4096
+    python benchmarks/long_context.py --skip-memory --time-shape wide --lengths 1024 4096 --einsum-max 0
 
 The CLI on a 32k-token prompt, with its peak RSS (a model folder of the small shape, max_seq_len 65536, the
 Llama 3 tokenizer, built with llama_jax.checkpoint.save_model):
@@ -24,13 +28,15 @@ Llama 3 tokenizer, built with llama_jax.checkpoint.save_model):
 
 On a GPU, --gpu times long prompts for the --gpu-preset shape (llama3.1-8b by default; bf16 random weights,
 batch 1) at --gpu-lengths tokens (8k, 32k, 128k): time to first token through the Generator (generate() with one
-new token, the bucket compiled by a first call, best of --rounds) next to Hugging Face on the same GPU (SDPA
-attention, one forward of the prompt with its cache and the argmax of the last logits; run first, in a child
-process, so that each side has the GPU's memory to itself). It prints one markdown table (length, our TTFT and
-prefill tokens/s, HF's, ours/HF as a speed ratio; "oom" where a side runs out of memory), then batch-1 decode
-over a full cache (a prompt of the longest length less --decode-new-tokens) against its bound, HBM bandwidth
-(--hbm-tbps, H200 4.8 TB/s) over the bytes one step reads (the weights and the KV cache), and the versions.
-Elsewhere it runs the same on the CPU with a warning (a dry run with small settings, as below).
+new token, the bucket compiled by a first call, best of --rounds), with the prompt chunks' attention through the
+portable blockwise loop and through the fused Pallas kernel (kernels/chunk_attention.py; --no-fused skips it),
+next to Hugging Face on the same GPU (SDPA attention, one forward of the prompt with its cache and the argmax of
+the last logits; run first, in a child process, so that each side has the GPU's memory to itself). It prints one
+markdown table (length; TTFT and prefill tokens/s for each kernel and for HF; speed ratios; "oom" where a side
+runs out of memory), then batch-1 decode over a full cache (a prompt of the longest length less
+--decode-new-tokens) against its bound, HBM bandwidth (--hbm-tbps, H200 4.8 TB/s) over the bytes one step reads
+(the weights and the KV cache), and the versions. Elsewhere it runs the same on the CPU with a warning (a dry run
+with small settings, as below; the fused kernel through Pallas's interpreter).
 
     python benchmarks/long_context.py --gpu
     python benchmarks/long_context.py --gpu --gpu-preset tiny-llama3 --gpu-lengths 256 512 --decode-new-tokens 8 \\
@@ -53,6 +59,9 @@ sys.path.insert(0, str(ROOT / "tests"))  # hf_reference: the HF config of our sh
 GIB = 2 ** 30
 SMALL = dict(dim=256, n_layers=2, n_heads=8, vocab_size=128256, multiple_of=256, rope_theta=500000.0,
              max_seq_len=65536)
+# Table 2's shapes. Heads of 32 make attention most of the work; "wide" has heads of 128, as every released Llama.
+TIME_SHAPES = {"small": SMALL,
+               "wide": dict(SMALL, dim=2048, n_heads=16, n_kv_heads=8, vocab_size=32000, max_seq_len=32768)}
 
 
 def parse_args(argv=None):
@@ -62,6 +71,10 @@ def parse_args(argv=None):
     p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step (also --gpu)")
     p.add_argument("--einsum-max", type=int, default=4096, help="longest prompt for the einsum reference column")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--scores-budget", type=int, default=None,
+                   help="table 2's Ops.scores_budget in bytes (default: select_ops's; 0: blocks of 512 queries)")
+    p.add_argument("--time-shape", choices=sorted(TIME_SHAPES), default="small",
+                   help="table 2's model: small (dim 256, heads of 32) or wide (dim 2048, heads of 128)")
     p.add_argument("--scan-layers", action="store_true", help="table 1 with the layers under nn.scan")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-time", action="store_true")
@@ -74,7 +87,9 @@ def parse_args(argv=None):
                    help="with --gpu: new tokens of the decode run, whose prompt is the longest length less these")
     p.add_argument("--hbm-tbps", type=float, default=4.8, help="with --gpu: memory bandwidth in TB/s (H200)")
     p.add_argument("--no-peer", action="store_true", help="with --gpu: skip the HF peer")
+    p.add_argument("--no-fused", action="store_true", help="with --gpu: skip the fused Pallas prefill kernel")
     p.add_argument("--gpu-peer", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cpu-peer", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.gpu or args.gpu_peer:
         if args.decode_new_tokens < 2:
@@ -160,37 +175,104 @@ def memory_table(lengths: list[int], chunk: int, scan_layers: bool) -> list[floa
     return working
 
 
-def time_table(lengths: list[int], chunk: int, einsum_max: int, rounds: int) -> None:
+def torch_cpu_peer(args) -> None:
+    """--cpu-peer (a child process of table 2): Hugging Face's time to first token on this CPU for each of --lengths,
+    fp32, SDPA attention: one forward of the prompt with its cache and the last position's logits, best of
+    --rounds; prints "PEER <length> <seconds>" and a "NOTE" with the versions for the parent."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from llama_jax.config import LlamaConfig
+    from hf_reference import hf_config
+
+    config = LlamaConfig(**TIME_SHAPES[args.time_shape])
+    hf = hf_config(config)
+    hf._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(hf).eval()
+    print(f"NOTE torch {torch.__version__} ({torch.get_num_threads()} threads), transformers "
+          f"{transformers.__version__}", flush=True)
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        for length in args.lengths:
+            ids = torch.as_tensor(rng.integers(3, config.vocab_size, (1, length)))
+            best = float("inf")
+            for _ in range(args.rounds + 1):  # the first call warms torch's allocator and thread pool
+                t0 = time.perf_counter()
+                model(ids, use_cache=True, logits_to_keep=1).logits[:, -1].argmax(-1)
+                best = min(best, time.perf_counter() - t0)
+            print(f"PEER {length} {best}", flush=True)
+
+
+def run_cpu_peer(args) -> tuple[dict[int, float], str]:
+    """The peer in a child process, run before our side: torch's idle threads keep spinning for a while after
+    its work and would slow XLA's running beside them in one process."""
+    import subprocess
+
+    cmd = [sys.executable, __file__, "--cpu-peer", "--time-shape", args.time_shape, "--rounds", str(args.rounds),
+           "--lengths", *map(str, args.lengths)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit("the Hugging Face peer failed: " + (proc.stderr.strip().splitlines() or ["no output"])[-1])
+    seconds = {int(line.split()[1]): float(line.split()[2]) for line in proc.stdout.splitlines()
+               if line.startswith("PEER ")}
+    return seconds, "; ".join(line[5:] for line in proc.stdout.splitlines() if line.startswith("NOTE "))
+
+
+def time_table(args) -> None:
     import jax
     import numpy as np
 
     from llama_jax.config import LlamaConfig
+    from llama_jax.generation import Generator
     from llama_jax.inference import engine
     from llama_jax.kernels import select_ops
     from llama_jax.model import init_params
 
-    config = LlamaConfig(**SMALL, scan_layers=False)
+    chunk, rounds = args.prefill_chunk, args.rounds
+    peer, versions = run_cpu_peer(args)
+    config = LlamaConfig(**TIME_SHAPES[args.time_shape], scan_layers=False)
     params = init_params(config, jax.random.key(0))
     blockwise = select_ops(config)
+    if args.scores_budget is not None:
+        blockwise = dataclasses.replace(blockwise, scores_budget=args.scores_budget)
     einsum = dataclasses.replace(blockwise, attention_block=1 << 30)  # never blockwise: the whole score matrix
-    print(f"\nPrefill wall time on this CPU, dim {config.dim}, {config.n_layers} layers, {config.n_heads} heads, "
-          f"fp32, batch 1, best of {rounds} (compilation excluded)")
-    print(f"{'prompt':>8} {f'chunked {chunk}':>12} {'one piece':>12} {'one, einsum':>12}   (s)")
+    generator = Generator(params, config, prefill_chunk=chunk)  # packs the weights once, as generate.py does
+    generator.ops = blockwise
+    print(f"\nPrefill wall time on this CPU, dim {config.dim}, {config.n_layers} layers, {config.n_heads} heads of "
+          f"{config.head_dim} ({config.kv_heads} KV), fp32, batch 1, best of {rounds} (compilation excluded), scores "
+          f"budget {blockwise.scores_budget} bytes; HF: "
+          f"{versions}, SDPA, one forward")
+    print(f"{'prompt':>8} {f'chunked {chunk}':>12} {'one piece':>12} {'one, einsum':>12} {'generate()':>11} "
+          f"{'HF':>8} {'generate() vs HF':>17}   (s)")
+
+    def best_of(call):
+        call()  # the first run also pays for thread pools and page faults
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            call()
+            best = min(best, time.perf_counter() - t0)
+        return best
 
     def run(ops, prompt, piece):
         args = _prefill_args(config, 1, prompt, abstract=False)
         exe = engine.prefill.lower(params, *args, **_static(config, ops, prompt, piece)).compile()
-        best = float("inf")
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            jax.block_until_ready(exe(params, *args).tokens)
-            best = min(best, time.perf_counter() - t0)
-        return best
+        return best_of(lambda: jax.block_until_ready(exe(params, *args).tokens))
 
-    for prompt in lengths:
+    def first_token(prompt):
+        """What generate.py's user waits for: the Generator's time to first token, its compilation excluded."""
+        ids = _prefill_args(config, 1, prompt, abstract=False)[0].tolist()
+        generator.generate(ids, max_new_tokens=1)  # compiles this bucket
+        return min(generator.generate(ids, max_new_tokens=1).prefill_seconds for _ in range(rounds))
+
+    for prompt in args.lengths:
         row = [run(blockwise, prompt, chunk), run(blockwise, prompt, prompt)]
-        row.append(run(einsum, prompt, prompt) if prompt <= einsum_max else np.nan)
-        print(f"{prompt:>8} " + " ".join("           —" if np.isnan(t) else f"{t:>12.2f}" for t in row))
+        row.append(run(einsum, prompt, prompt) if prompt <= args.einsum_max else np.nan)
+        row += [first_token(prompt), peer[prompt]]
+        print(f"{prompt:>8} " + " ".join("           —" if np.isnan(t) else f"{t:>12.2f}" for t in row[:3])
+              + f" {row[3]:>11.2f} {row[4]:>8.2f} {row[4] / row[3]:>16.2f}x")
 
 
 def decode_table(lengths: list[int], rounds: int) -> None:
@@ -334,26 +416,52 @@ def gpu_table(args) -> None:
             best = min(best, time.perf_counter() - t0)
         return best, compile_s
 
-    rows = []
-    for length in args.gpu_lengths:
-        ours = _out_of_memory(lambda: first_token(rng.integers(3, config.vocab_size, (1, length)).tolist()))
-        rows.append((length, None if ours is None else ours[0], peer.get(length)))
-        print(f"{length} tokens: ours {'oom' if ours is None else f'{ours[0]:.3f} s (compile {ours[1]:.1f} s)'}",
-              flush=True)
+    def ttft(length, chunk_kernel):
+        gen.ops = dataclasses.replace(gen.ops, chunk_kernel=chunk_kernel)
+        gen.executables.clear()  # compiled with the other kernel
+        prompt = np.random.default_rng(length).integers(3, config.vocab_size, (1, length)).tolist()
+        try:
+            ours = _out_of_memory(lambda: first_token(prompt))
+        except Exception as e:  # noqa: BLE001 - a kernel that fails to compile here must not cost the other rows
+            if chunk_kernel == "blockwise":
+                raise
+            print(f"{length} tokens, {chunk_kernel}: failed: {str(e).strip().splitlines()[0]}", flush=True)
+            return "failed"
+        print(f"{length} tokens, {chunk_kernel}: "
+              f"{'oom' if ours is None else f'{ours[0]:.3f} s (compile {ours[1]:.1f} s)'}", flush=True)
+        return None if ours is None else ours[0]
 
-    def cell(seconds, length):
-        return ("oom", "oom") if seconds is None else (f"{seconds:.3f}", f"{length / seconds:,.0f}")
+    # The portable blockwise loop, and the fused Pallas kernel (LLAMA_JAX_CHUNK_ATTENTION=pallas) where it applies;
+    # off a GPU, the same kernel through Pallas's interpreter, so that a dry run takes every step.
+    fused = "pallas" if device.platform == "gpu" else "pallas_interpret"
+    kernels = ["blockwise"] if args.no_fused else ["blockwise", fused]
+    rows = [(length, *(ttft(length, kernel) for kernel in kernels), peer.get(length)) for length in args.gpu_lengths]
+    # The decode run below prefills its prompt with the fused kernel where it ran.
+    fused_ran = len(kernels) == 2 and all(row[2] != "failed" for row in rows)
+    gen.ops = dataclasses.replace(gen.ops, chunk_kernel=kernels[-1] if fused_ran else "blockwise")
+    gen.executables.clear()
+
+    def cell(seconds, length):  # seconds, None (out of memory) or "failed"
+        if not isinstance(seconds, float):
+            return ("oom", "oom") if seconds is None else (seconds, seconds)
+        return f"{seconds:.3f}", f"{length / seconds:,.0f}"
+
+    def ratio(theirs, ours):
+        return f"**{theirs / ours:.2f}x**" if isinstance(ours, float) and isinstance(theirs, float) else "—"
 
     print()
-    print("| prompt tokens | our TTFT (s) | our prefill tok/s | HF TTFT (s) | HF prefill tok/s | ours / HF |")
-    print("|---|---|---|---|---|---|")
-    for length, ours, hf in rows:
+    fused_head = " fused TTFT (s) | fused prefill tok/s | fused / portable |" if len(kernels) == 2 else ""
+    print(f"| prompt tokens | portable TTFT (s) | portable prefill tok/s |{fused_head} HF TTFT (s) | "
+          f"HF prefill tok/s | best of ours / HF |")
+    print("|---|---|---|" + "---|" * (3 * (len(kernels) - 1)) + "---|---|---|")
+    for length, *ours, hf in rows:
+        fused_cells = f" {' | '.join(cell(ours[1], length))} | {ratio(ours[0], ours[1])} |" if len(kernels) == 2 else ""
+        best = min((t for t in ours if isinstance(t, float)), default=None)
         if args.no_peer or length not in peer:  # not run, or the peer failed before this length
-            theirs, ratio = ("—", "—"), "—"
+            theirs, vs_hf = ("—", "—"), "—"
         else:
-            theirs = cell(hf, length)
-            ratio = "—" if ours is None or hf is None else f"**{hf / ours:.2f}x**"
-        print(f"| {length} | {' | '.join(cell(ours, length))} | {' | '.join(theirs)} | {ratio} |")
+            theirs, vs_hf = cell(hf, length), ratio(hf, best)
+        print(f"| {length} | {' | '.join(cell(ours[0], length))} |{fused_cells} {' | '.join(theirs)} | {vs_hf} |")
 
     # Each decode step reads every weight and the filled part of the cache once: with the cache full at the end,
     # their bytes over the bandwidth bound batch 1's rate.
@@ -383,6 +491,9 @@ def main(argv=None) -> int:
     if args.gpu_peer:
         torch_gpu_peer(args)
         return 0
+    if args.cpu_peer:
+        torch_cpu_peer(args)
+        return 0
     if args.gpu:
         gpu_table(args)
         return 0
@@ -392,7 +503,7 @@ def main(argv=None) -> int:
     if not args.skip_memory:
         memory_table(args.memory_lengths, args.prefill_chunk, args.scan_layers)
     if not args.skip_time:
-        time_table(args.lengths, args.prefill_chunk, args.einsum_max, args.rounds)
+        time_table(args)
         decode_table([1024, 2048, 4096, 16384, 65536], args.rounds)
     return 0
 
