@@ -36,8 +36,8 @@ __all__ = ["LoraWeight", "Ops", "PackedWeight", "decode_compiler_options", "defa
 
 GPU_BACKENDS = ("gpu", "cuda", "rocm")
 
-# A block's scores on a CPU: 4 MiB, as 8 heads x 256 queries x 512 keys in fp32, was the fastest block of queries
-# for heads of 32 and of 128 alike (docs/design.md).
+# A block's scores on a CPU: 4 MiB (8 heads x 256 queries x 512 keys in fp32) stay in cache between the softmax's
+# passes over them (docs/design.md).
 CPU_SCORES_BUDGET = 4 << 20
 
 # A CPU decode step reads caches up to this long through the decode windows, longer ones blockwise: past a few

@@ -105,5 +105,5 @@ def attention(q, k, v, q_positions, kv_positions, kv_len, *, block_q: int = BLOC
         compiler_params=plgpu.CompilerParams(num_warps=4 if d <= 64 else 8, num_stages=2),
         interpret=interpret,
         name="chunk_attention",
-    )(kv_len, q, q_positions, k.astype(q.dtype), v.astype(q.dtype), kv_positions.astype(jnp.int32))
+    )(kv_len, q, q_positions, k, v, kv_positions.astype(jnp.int32))
     return out[:, :t]
