@@ -205,19 +205,28 @@ def torch_cpu_peer(args) -> None:
             print(f"PEER {length} {best}", flush=True)
 
 
-def run_cpu_peer(args) -> tuple[dict[int, float], str]:
-    """The peer in a child process, run before our side: torch's idle threads keep spinning for a while after
-    its work and would slow XLA's running beside them in one process."""
+def run_peer(flag: str, args, *options: str) -> tuple[dict[int, float | None], list[str], str | None]:
+    """A peer side (`flag`: --cpu-peer or --gpu-peer) in a child process of this script: seconds per length (None:
+    out of memory), its notes, and its last error line where it failed."""
     import subprocess
 
-    cmd = [sys.executable, __file__, "--cpu-peer", "--time-shape", args.time_shape, "--rounds", str(args.rounds),
-           "--lengths", *map(str, args.lengths)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit("the Hugging Face peer failed: " + (proc.stderr.strip().splitlines() or ["no output"])[-1])
-    seconds = {int(line.split()[1]): float(line.split()[2]) for line in proc.stdout.splitlines()
-               if line.startswith("PEER ")}
-    return seconds, "; ".join(line[5:] for line in proc.stdout.splitlines() if line.startswith("NOTE "))
+    proc = subprocess.run([sys.executable, __file__, flag, "--rounds", str(args.rounds), *options],
+                          capture_output=True, text=True)
+    lines = proc.stdout.splitlines()
+    seconds = {int(line.split()[1]): None if line.split()[2] == "oom" else float(line.split()[2])
+               for line in lines if line.startswith("PEER ")}
+    error = (proc.stderr.strip().splitlines() or ["no output"])[-1] if proc.returncode else None
+    return seconds, [line[5:] for line in lines if line.startswith("NOTE ")], error
+
+
+def run_cpu_peer(args) -> tuple[dict[int, float], str]:
+    """The peer run before our side: torch's idle threads keep spinning for a while after its work and would slow
+    XLA's running beside them in one process."""
+    seconds, notes, error = run_peer("--cpu-peer", args, "--time-shape", args.time_shape,
+                                     "--lengths", *map(str, args.lengths))
+    if error:
+        sys.exit(f"the Hugging Face peer failed: {error}")
+    return seconds, "; ".join(notes)
 
 
 def time_table(args) -> None:
@@ -356,20 +365,12 @@ def torch_gpu_peer(args) -> None:
 
 
 def run_gpu_peer(args) -> tuple[dict[int, float | None], str]:
-    """The peer in a child process, before JAX takes the GPU's memory (its allocator keeps what it reserves);
-    seconds per length (None: out of memory) and its notes."""
-    import subprocess
-
-    cmd = [sys.executable, __file__, "--gpu-peer", "--gpu-preset", args.gpu_preset,
-           "--gpu-lengths", *map(str, args.gpu_lengths), "--decode-new-tokens", str(args.decode_new_tokens),
-           "--rounds", str(args.rounds)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = {int(line.split()[1]): None if line.split()[2] == "oom" else float(line.split()[2])
-               for line in proc.stdout.splitlines() if line.startswith("PEER ")}
-    notes = [line[5:] for line in proc.stdout.splitlines() if line.startswith("NOTE ")]
-    if proc.returncode != 0:
-        notes.append("failed: " + (proc.stderr.strip().splitlines() or ["no output"])[-1])
-    return seconds, "; ".join(notes)
+    """The peer before JAX takes the GPU's memory (its allocator keeps what it reserves); seconds per length (None:
+    out of memory) and its notes. A failed peer leaves its lengths out, and the run goes on."""
+    seconds, notes, error = run_peer("--gpu-peer", args, "--gpu-preset", args.gpu_preset,
+                                     "--gpu-lengths", *map(str, args.gpu_lengths),
+                                     "--decode-new-tokens", str(args.decode_new_tokens))
+    return seconds, "; ".join(notes + ([f"failed: {error}"] if error else []))
 
 
 def _out_of_memory(run):
