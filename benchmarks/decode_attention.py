@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     gen = Generator(init_params(config, jax.random.key(0)), config)
     # Two engines over one Generator's weights, each compiling its decode step with its own attention kernel.
     engines, fns = {}, {}
-    for kernel in ("cpu_rows", "cpu_windows"):
+    for kernel in ("cpu_rows", "windows"):
         engines[kernel] = BatchingEngine(gen, max_slots=8)
         gen.ops = dataclasses.replace(gen.ops, cache_kernel=kernel)
         fns[kernel] = engines[kernel]._decode_fn(1)
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
         for _ in range(args.rounds):
             for kernel, engine in engines.items():
                 times[kernel].append(step_ms(engine, fns[kernel], row, 10))
-        rows, windows = np.median(times["cpu_rows"]), np.median(times["cpu_windows"])
+        rows, windows = np.median(times["cpu_rows"]), np.median(times["windows"])
         print(f"{name:<26} {rows:>8.1f} {windows:>8.1f} {rows / windows:>15.2f}")
     return 0
 

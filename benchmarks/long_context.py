@@ -13,11 +13,12 @@ still bounds its scores), and the prompt in one piece through the einsum referen
 token (what generate.py runs: the packed CPU weights, chunks of --prefill-chunk), next to Hugging Face's (fp32, SDPA
 attention, one forward of the prompt with its cache). --time-shape wide uses heads of 128, as
 the released Llamas do (dim 2048, 16 heads, 8 KV heads, 2 layers). Table 3 times one decode step's
-attention over a long cache, the CPU decode windows against the blockwise loop, which is how
-CPU_WINDOWS_MAX_KEYS was chosen.
+attention over a long cache, the CPU decode windows against the blockwise loop and the dot over the whole cache,
+which is how CPU_WINDOWS_MAX_KEYS was chosen.
 
     python benchmarks/long_context.py                      # all three tables (a few minutes on a CPU)
     python benchmarks/long_context.py --skip-memory --lengths 1024 4096
+    python benchmarks/long_context.py --skip-memory --skip-time       # table 3 alone
     python benchmarks/long_context.py --skip-memory --time-shape wide --lengths 1024 4096 --einsum-max 0
 
 The CLI on a 32k-token prompt, with its peak RSS (a model folder of the small shape, max_seq_len 65536, the
@@ -35,8 +36,9 @@ the last logits; run first, in a child process, so that each side has the GPU's 
 markdown table (length; TTFT and prefill tokens/s for each kernel and for HF; speed ratios; "oom" where a side
 runs out of memory), then batch-1 decode over a full cache (a prompt of the longest length less
 --decode-new-tokens) against its bound, HBM bandwidth (--hbm-tbps, H200 4.8 TB/s) over the bytes one step reads
-(the weights and the KV cache), and the versions. Elsewhere it runs the same on the CPU with a warning (a dry run
-with small settings, as below; the fused kernel through Pallas's interpreter).
+(the weights and the KV cache), then one decode step's attention as in table 3 (the shape's heads, bf16, at
+--gpu-lengths), and the versions. Elsewhere it runs the same on the CPU with a warning (a dry run with small
+settings, as below; the fused kernel through Pallas's interpreter).
 
     python benchmarks/long_context.py --gpu
     python benchmarks/long_context.py --gpu --gpu-preset tiny-llama3 --gpu-lengths 256 512 --decode-new-tokens 8 \\
@@ -77,7 +79,8 @@ def parse_args(argv=None):
                    help="table 2's model: small (dim 256, heads of 32) or wide (dim 2048, heads of 128)")
     p.add_argument("--scan-layers", action="store_true", help="table 1 with the layers under nn.scan")
     p.add_argument("--skip-memory", action="store_true")
-    p.add_argument("--skip-time", action="store_true")
+    p.add_argument("--skip-time", action="store_true", help="skip table 2 (prefill time)")
+    p.add_argument("--skip-decode", action="store_true", help="skip table 3 (a decode step's attention)")
     p.add_argument("--gpu", action="store_true", help="GPU mode: time to first token against HF, decode over a full "
                    "cache (see above); replaces the CPU tables")
     p.add_argument("--gpu-preset", default="llama3.1-8b", help="with --gpu: the shape to use")
@@ -284,32 +287,40 @@ def time_table(args) -> None:
               + f" {row[3]:>11.2f} {row[4]:>8.2f} {row[4] / row[3]:>16.2f}x")
 
 
-def decode_table(lengths: list[int], rounds: int) -> None:
+def decode_table(lengths: list[int], rounds: int, *, heads: int, kv_heads: int, dim: int, dtype: str, block: int,
+                 where: str) -> None:
+    """One decode step's attention, batch 1, over a heads-first cache of each length, 25% and 90% full (ms, mean
+    of 20 x rounds calls): the decode windows against the blockwise loop in `block`-slot blocks and the dot over
+    the whole cache."""
     import jax
     import jax.numpy as jnp
 
     from llama_jax.kernels import attention as attn
 
-    heads, dim, block = SMALL["n_heads"], SMALL["dim"] // SMALL["n_heads"], 512
-    print(f"\nOne decode step's attention on this CPU, {heads} heads of {dim}, batch 1: the decode windows against "
-          f"the blockwise loop ({block}-slot blocks), by cache length and how full it is")
-    print(f"{'cache':>8} {'full':>6} {'windows':>10} {'blockwise':>10}   (ms)")
-    windows = jax.jit(lambda q, k, v, qp, kp, n: attn.cpu_decode_windows(q, k, v, attn.position_mask(qp, kp), n))
-    blockwise = jax.jit(lambda q, k, v, qp, kp, n: attn.blockwise_attention(q, k, v, qp, kp, n, True, block))
+    print(f"\nOne decode step's attention on {where}, {heads} heads of {dim} ({kv_heads} KV heads), {dtype}, "
+          f"batch 1: the decode windows against the blockwise loop ({block}-slot blocks) and the whole cache, by "
+          f"cache length and how full it is")
+    print(f"{'cache':>8} {'full':>6} {'windows':>10} {'blockwise':>10} {'whole':>10}   (ms)")
+    variants = [
+        lambda q, k, v, qp, kp, n: attn.decode_windows(q, k, v, attn.position_mask(qp, kp), n),
+        lambda q, k, v, qp, kp, n: attn.blockwise_attention(q, k, v, qp, kp, n, True, block),
+        lambda q, k, v, qp, kp, n: attn.einsum_attention(q, k, v, attn.position_mask(qp, kp), heads_first=True),
+    ]
+    variants = [jax.jit(fn) for fn in variants]
     for length in lengths:
+        q, k = jnp.ones((1, 1, heads, dim), dtype), jnp.ones((1, kv_heads, length, dim), dtype)
         for full in (0.25, 0.9):
             filled = int(length * full)
-            q, k = jnp.ones((1, 1, heads, dim)), jnp.ones((1, heads, length, dim))
             kp = jnp.where(jnp.arange(length) < filled, jnp.arange(length), -1)[None]
             args = (q, k, k, jnp.full((1, 1), filled - 1, jnp.int32), kp, jnp.int32(filled))
             row = []
-            for fn in (windows, blockwise):
+            for fn in variants:
                 jax.block_until_ready(fn(*args))
                 t0 = time.perf_counter()
                 for _ in range(20 * rounds):
                     jax.block_until_ready(fn(*args))
                 row.append((time.perf_counter() - t0) / (20 * rounds) * 1e3)
-            print(f"{length:>8} {full:>6.0%} {row[0]:>10.3f} {row[1]:>10.3f}")
+            print(f"{length:>8} {full:>6.0%} " + " ".join(f"{ms:>10.3f}" for ms in row), flush=True)
 
 
 def gpu_config(args):
@@ -484,6 +495,9 @@ def gpu_table(args) -> None:
         best = min(r.decode_seconds for r in runs)
         rate = (new - 1) / best
         print(head + f"{rate:.1f} tok/s, {rate / bound:.0%} of the {foot}")
+    # How the decode step above reads its cache (the windows), against the alternatives, one layer at a time.
+    decode_table(args.gpu_lengths, args.rounds, heads=config.n_heads, kv_heads=config.n_kv_heads,
+                 dim=config.head_dim, dtype="bfloat16", block=gen.ops.attention_block, where=device.device_kind)
     print(f"versions: jax {jax.__version__}, {device.device_kind}; HF peer: {peer_note}")
 
 
@@ -505,7 +519,10 @@ def main(argv=None) -> int:
         memory_table(args.memory_lengths, args.prefill_chunk, args.scan_layers)
     if not args.skip_time:
         time_table(args)
-        decode_table([1024, 2048, 4096, 16384, 65536], args.rounds)
+    if not args.skip_decode:
+        heads = SMALL["n_heads"]
+        decode_table([1024, 2048, 4096, 16384, 65536], args.rounds, heads=heads, kv_heads=heads,
+                     dim=SMALL["dim"] // heads, dtype="float32", block=512, where="this CPU")
     return 0
 
 

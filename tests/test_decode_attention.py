@@ -85,8 +85,8 @@ def test_the_seam_sends_only_fp32_one_device_decode_steps_to_the_kernel():
     assert not routed_to_kernel(ops, q_len=4)  # a prefill chunk
     assert not routed_to_kernel(ops, dtype=jnp.bfloat16)  # a bf16 cache
     assert not routed_to_kernel(ops, layer=0)  # the stacked (scanned) layout
-    assert not routed_to_kernel(dataclasses.replace(ops, cache_kernel="cpu_windows"))
+    assert not routed_to_kernel(dataclasses.replace(ops, cache_kernel="windows"))
     # On a mesh the cache is sharded: XLA's ops, which the partitioner splits, not a one-device kernel.
     if len(jax.devices()) >= 2:
         mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("tensor",))
-        assert select_ops(CONFIG, mesh=mesh).cache_kernel == "cpu_windows"
+        assert select_ops(CONFIG, mesh=mesh).cache_kernel == "windows"

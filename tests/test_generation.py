@@ -184,7 +184,7 @@ def test_cpu_compiler_options_reach_the_compiled_decode_loop():
     # XLA's attention ops (the C++ decode kernel would leave no dot for YNNPACK to take in either generator).
     gen, plain = Generator(PARAMS, CONFIG), Generator(PARAMS, CONFIG, compiler_options={})
     for g in (gen, plain):
-        g.ops = dataclasses.replace(g.ops, cache_kernel="cpu_windows")
+        g.ops = dataclasses.replace(g.ops, cache_kernel="windows")
     gen.generate([list(PROMPTS[0])], max_new_tokens=4)
     decode = [exe for key, exe in gen.executables.items() if key[0] == "decode"]
     assert decode and all("ynn_fusion" not in exe.as_text() for exe in decode)  # YNNPACK's dots are off

@@ -15,7 +15,7 @@ from llama_jax.config import LlamaConfig, preset
 from subprocess_env import ROOT, free_port, last_json, run_processes, run_python
 
 SCRIPT = r"""
-import json, math, re, sys
+import dataclasses, json, math, re, sys
 import jax, numpy as np
 from llama_jax import sharding as sh
 from llama_jax.config import LlamaConfig
@@ -28,9 +28,13 @@ params = params_from_meta({k: z[k] for k in z.files}, cfg)
 prompts = json.loads(sys.argv[3])
 out = {"single": Generator(params, cfg, packed_weights=False).generate(prompts, max_new_tokens=8).tokens}
 for name, shape in json.loads(sys.argv[4]).items():
-    # "explicit": a mesh from jax.make_mesh, whose axes are Explicit by default.
-    mesh = jax.make_mesh((8,), ("tensor",)) if shape == "explicit" else sh.make_mesh(sh.MeshShape(*shape))
+    # "explicit": a mesh from jax.make_mesh, whose axes are Explicit by default. "windows": 8 tensor, and decode
+    # steps that read the cache as an accelerator does (past blocks of 8 slots, every cache here).
+    mesh = (jax.make_mesh((8,), ("tensor",)) if shape == "explicit"
+            else sh.make_mesh(sh.MeshShape(*(1, 1, 8) if shape == "windows" else shape)))
     gen = Generator(params, cfg, mesh=mesh)
+    if shape == "windows":
+        gen.ops = dataclasses.replace(gen.ops, cache_kernel="windows", attention_block=8)
     tokens = gen.generate(prompts, max_new_tokens=8).tokens
     tensor, data = gen.mesh.shape["tensor"], gen.mesh.shape["data"]
     # Each parameter shard: 1/tensor of the parameter where a dimension is split over the tensor axis, else whole.
@@ -55,7 +59,7 @@ for name, shape in json.loads(sys.argv[4]).items():
 print(json.dumps(out))
 """
 
-MESHES = {"tensor8": (1, 1, 8), "data2-tensor4": (2, 1, 4), "explicit": "explicit"}
+MESHES = {"tensor8": (1, 1, 8), "data2-tensor4": (2, 1, 4), "explicit": "explicit", "tensor8-windows": "windows"}
 BASE = dict(dim=64, n_layers=2, n_heads=8, vocab_size=128, multiple_of=32, max_seq_len=64, rope_theta=500000.0)
 CASES = {"mha": dict(BASE), "gqa-kv2": dict(BASE, n_kv_heads=2), "gqa-kv4": dict(BASE, n_kv_heads=4)}
 PROMPTS = [[1, 17, 33, 101, 7], [1, 100, 5, 9, 9, 31, 64, 2, 120, 77], [1], [1, 90, 91, 92]]

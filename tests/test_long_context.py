@@ -14,7 +14,7 @@ from llama_jax.config import LlamaConfig, RopeScaling
 from llama_jax.generation import GenerationError, Generator
 from llama_jax.inference import engine
 from llama_jax.kernels import attention as attn
-from llama_jax.kernels import CPU_WINDOWS_MAX_KEYS, select_ops
+from llama_jax.kernels import select_ops
 from llama_jax.meta_weights import params_from_meta
 from llama_jax.model import forward, init_cache, init_params, unstack_layers
 
@@ -134,22 +134,61 @@ def test_blockwise_attention_in_bf16_stays_near_the_einsum_reference():
     np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), np.asarray(reference), atol=2e-2)
 
 
+def _runs(ops, q_len, keys):
+    """The primitives of `ops.attention` for q_len queries over a heads-first cache of `keys` slots, all filled."""
+    q, k = jnp.ones((1, q_len, 4, 16)), jnp.ones((1, 2, keys, 16))
+    fn = functools.partial(ops.attention, heads_first=True, kv_len=jnp.int32(keys),
+                           q_positions=jnp.zeros((1, q_len), jnp.int32), kv_positions=jnp.zeros((1, keys), jnp.int32))
+    return str(jax.make_jaxpr(fn)(q, k, k))
+
+
 def test_ops_route_long_attention_blockwise():
     ops = select_ops(CONFIG)
-
-    def runs_blockwise(q_len, keys, ops=ops):
-        q, k = jnp.ones((1, q_len, 4, 16)), jnp.ones((1, 2, keys, 16))
-        fn = functools.partial(ops.attention, heads_first=True, kv_len=jnp.int32(keys),
-                               q_positions=jnp.zeros((1, q_len), jnp.int32),
-                               kv_positions=jnp.zeros((1, keys), jnp.int32))
-        return "while" in str(jax.make_jaxpr(fn)(q, k, k))
-
-    assert runs_blockwise(2, ops.attention_block + 1) and not runs_blockwise(2, ops.attention_block)
+    assert "while" in _runs(ops, 2, ops.attention_block + 1) and "while" not in _runs(ops, 2, ops.attention_block)
     # A decode step over a long cache too (with XLA's ops on a CPU, past the decode windows' range; the C++
     # decode kernel, where it serves, reads each row's filled part at any length).
-    xla_ops = dataclasses.replace(ops, cache_kernel={"cpu_rows": "cpu_windows"}.get(ops.cache_kernel,
-                                                                                     ops.cache_kernel))
-    assert runs_blockwise(1, 2 * max(ops.attention_block, CPU_WINDOWS_MAX_KEYS), xla_ops)
+    xla_ops = dataclasses.replace(ops, cache_kernel="windows")
+    assert ops.windows_max_keys and "while" in _runs(xla_ops, 1, 2 * ops.windows_max_keys)
+    assert "while" not in _runs(xla_ops, 1, ops.windows_max_keys)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_an_accelerator_reads_a_long_cache_through_windows_not_a_loop(backend):
+    ops = select_ops(CONFIG, backend=backend)
+    assert ops.cache_kernel == "windows" and ops.windows_max_keys == 0
+    keys = 64 * ops.attention_block  # Llama 3.1's 128k cache on a GPU: 128 blocks
+    decode_step = _runs(ops, 1, keys)
+    assert "cond" in decode_step and "while" not in decode_step
+    assert "while" in _runs(ops, 2, keys)  # a prompt chunk keeps the blockwise loop
+    assert "cond" not in _runs(ops, 1, ops.attention_block)  # a short cache: one dot over all of it
+
+
+@pytest.mark.parametrize("dtype,atol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_decode_windows_read_only_their_window(dtype, atol):
+    # 40 slots: windows of 5, 10, 15 and 20, then the whole cache. Values past a row's window are NaN, which any
+    # read of them would carry into the output (0 x NaN); the result must equal attention over the filled part.
+    rng = np.random.default_rng(11)
+    b, s, d = 2, 40, 16
+    q = jnp.asarray(rng.standard_normal((b, 1, 6, d)), dtype)
+    k, v = (rng.standard_normal((b, 2, s, d)).astype(np.float32) for _ in range(2))
+    run = jax.jit(lambda q, k, v, qp, kp, n: attn.decode_windows(q, k, v, attn.position_mask(qp, kp), n))
+    for filled in (1, 4, 5, 6, 14, 20, 21, 39):
+        window = next((n for n in (5, 10, 15, 20) if filled <= n), s)
+        pad = 2 if filled > 4 else 0  # row 1 left-padded, so that its positions are not its slots
+        kv_positions = np.where(np.arange(s) < filled, np.arange(s), -1)[None].repeat(b, 0)
+        kv_positions[1, :filled] = np.arange(filled) - pad
+        kv_positions[1, :pad] = -1
+        q_positions = kv_positions[:, filled - 1:filled]
+        poisoned = v.copy()
+        poisoned[:, :, window:] = np.nan
+        out = run(q, jnp.asarray(k, dtype), jnp.asarray(poisoned, dtype), jnp.asarray(q_positions),
+                  jnp.asarray(kv_positions), jnp.int32(filled))
+        f32 = [jnp.asarray(a[:, :, :filled], jnp.float32) for a in (k, v)]
+        mask = attn.position_mask(jnp.asarray(q_positions), jnp.asarray(kv_positions[:, :filled]))
+        reference = attn.einsum_attention(q.astype(jnp.float32), *f32, mask, heads_first=True)
+        assert out.dtype == dtype
+        np.testing.assert_allclose(np.asarray(out.astype(jnp.float32)), np.asarray(reference), atol=atol,
+                                   err_msg=f"{filled} slots filled")
 
 
 # --- chunked prefill --------------------------------------------------------------------------------------------
@@ -214,6 +253,18 @@ def test_generator_tokens_do_not_depend_on_the_chunk_or_kv_dtype_default():
     assert {key[1][1] for key in chunked.executables if key[0] == "prefill"} == {48}
     bf16 = Generator(params, CONFIG, prefill_chunk=16, kv_dtype="bfloat16").generate(prompts, max_new_tokens=6)
     assert [len(t) for t in bf16.tokens] == [6, 6, 6]
+
+
+def test_generator_tokens_with_the_decode_windows():
+    # The windows through which XLA's ops read a cache longer than one block in a decode step (an accelerator's
+    # way at every length), here with blocks of 8 slots. The cache holds 8 prompt slots and 64 new: its windows
+    # of 9, 18, 27 and 36 slots and the whole cache each serve some of the 40 steps.
+    _, params = _setup(CONFIG)
+    prompts = [list(np.random.default_rng(5).integers(1, 128, n)) for n in (3, 5, 2)]
+    reference = Generator(params, CONFIG).generate(prompts, max_new_tokens=40)
+    windows = Generator(params, CONFIG)
+    windows.ops = dataclasses.replace(windows.ops, cache_kernel="windows", attention_block=BLOCK)
+    assert windows.generate(prompts, max_new_tokens=40).tokens == reference.tokens
 
 
 def test_prompt_bucket_leaves_room_for_the_new_tokens_within_max_seq_len():

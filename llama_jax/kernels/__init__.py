@@ -5,11 +5,11 @@ the result is handed to the model. `Ops` names its kernels with strings, so it i
     dense        xla (tensordot) | cpu (the same, with a YNNPACK-friendly weight gradient); a PackedWeight leaf
                  always runs the packed CPU decoding kernel (packed_matmul)
     attention    einsum (reference, blocked causal) | xla (jax.nn) | cudnn (fused causal, GPU, bf16/fp16)
-    cache        einsum | cpu_windows (a decode step reads the cache up to its longest row's filled part, in
-                 XLA ops) | cpu_rows (a C++ kernel where it applies: each row reads only its own filled part;
-                 otherwise the windows)
-    blockwise    attention over more than `attention_block` keys with positions (long prompts, long caches) runs
-                 in blocks with an online softmax on every backend, in bounded memory
+    cache        einsum | windows (a decode step reads a cache of windows_min_keys..windows_max_keys slots only
+                 up to about its longest row's filled part) | cpu_rows (a C++ kernel where it applies: each row
+                 reads only its own filled part; otherwise the windows)
+    blockwise    attention over more than `attention_block` keys with positions (long prompts, a CPU's long
+                 caches) runs in blocks with an online softmax on every backend, in bounded memory
     chunk        a prompt chunk's blockwise attention over the cache: blockwise (the portable loop above) | pallas
                  (one fused Pallas kernel on a GPU, bf16/fp16) | pallas_interpret (the same kernel through
                  Pallas's interpreter, anywhere: for tests), on one device. LLAMA_JAX_CHUNK_ATTENTION chooses
@@ -56,6 +56,10 @@ class Ops:
     # CPU a block's scores then stay in cache across the softmax's passes over them.
     scores_budget: int = 0
     chunk_kernel: str = "blockwise"
+    # A decode step reads a cache of more than windows_min_keys and at most windows_max_keys (0: any) slots through
+    # the windows; a longer one blockwise, a shorter one with one dot over all of it.
+    windows_min_keys: int = 0
+    windows_max_keys: int = 0
 
     def dense(self, x, w, n_in: int = 1):
         """x [*batch, *in] times w [*in, *out] (an array, a PackedWeight or a LoraWeight), contracting n_in axes."""
@@ -90,9 +94,9 @@ class Ops:
         if kv_len is not None:
             kv_len = jnp.max(kv_len)  # per-row lengths: the mask keeps each row to its own
         keys = k.shape[-2 if heads_first else -3]
-        windows = (self.cache_kernel in ("cpu_windows", "cpu_rows") and heads_first and kv_len is not None
-                   and q.shape[1] == 1)
-        if keys > self.attention_block and not (windows and keys <= CPU_WINDOWS_MAX_KEYS):
+        windows = (self.cache_kernel in ("windows", "cpu_rows") and heads_first and kv_len is not None
+                   and q.shape[1] == 1 and self.windows_min_keys < keys <= (self.windows_max_keys or keys))
+        if keys > self.attention_block and not windows:
             if (self.chunk_kernel != "blockwise" and heads_first and layer is None and row is None
                     and chunk_attention.applies(q, k)):
                 return chunk_attention.attention(q, k, v, q_positions, kv_positions, kv_len,
@@ -103,10 +107,10 @@ class Ops:
             k, v = k[layer], v[layer]
         if row is not None:
             k, v = (jax.lax.dynamic_slice_in_dim(a, row, q.shape[0], 0) for a in (k, v))
-        k, v = k.astype(q.dtype), v.astype(q.dtype)
         mask = attn.position_mask(q_positions, kv_positions)
         if windows:
-            return attn.cpu_decode_windows(q, k, v, mask, kv_len)
+            return attn.decode_windows(q, k, v, mask, kv_len)
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
         return attn.masked(q, k, v, mask, self.attention_kernel, heads_first)
 
     def remat_policy(self, name: str):
@@ -132,12 +136,16 @@ def select_ops(config: LlamaConfig, backend: str | None = None, mesh=None) -> Op
     # An FFI or Pallas kernel is one device's code: XLA would gather a sharded cache to run it, so a mesh keeps
     # XLA's ops.
     one_device = mesh is None or mesh.size == 1
-    cache = ("cpu_rows" if one_device else "cpu_windows") if cpu else "einsum"
+    cache = "cpu_rows" if cpu and one_device else "windows"
     chunk = chunk_kernel_choice(backend)
-    # Larger products suit a GPU; neither block size is tuned.
+    block = 512 if cpu else 1024  # larger products suit a GPU; neither block size is tuned
     return Ops(dense_kernel="cpu" if cpu else "xla", attention_kernel=attention, cache_kernel=cache,
-               attention_block=512 if cpu else 1024, scores_budget=CPU_SCORES_BUDGET if cpu else 0,
-               chunk_kernel=chunk if one_device else "blockwise")
+               attention_block=block, scores_budget=CPU_SCORES_BUDGET if cpu else 0,
+               chunk_kernel=chunk if one_device else "blockwise",
+               # An accelerator reads a long cache through the windows at any length: each block of the loop would
+               # be a loop iteration of a few small kernels, 128 per layer and token over a 128k cache; and a short
+               # one in one dot, where a window's switch would cost more than the reads it saves (docs/design.md).
+               windows_min_keys=0 if cpu else block, windows_max_keys=CPU_WINDOWS_MAX_KEYS if cpu else 0)
 
 
 CHUNK_KERNELS = ("blockwise", "pallas", "pallas_interpret")

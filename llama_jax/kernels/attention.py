@@ -4,7 +4,7 @@ fp32, and never a repeated copy of K/V in memory.
     einsum      the reference path: any mask, either K/V layout; the plain causal case runs in blocks of queries
     xla         jax.nn.dot_product_attention's XLA lowering
     cudnn       cuDNN's fused flash-attention kernel, for the plain causal case on a GPU in bf16/fp16
-    cpu windows a decode step on a CPU reads only the filled part of the cache
+    windows     a decode step reads the cache only up to (about) its filled part
 """
 
 from __future__ import annotations
@@ -101,35 +101,24 @@ def einsum_attention(q, k, v, mask, heads_first: bool):
     return out.reshape(b, t, h, d)
 
 
-def cpu_decode_windows(q, k, v, mask, kv_len):
+def decode_windows(q, k, v, mask, kv_len):
     """A decode step (one query per row) over a heads-first cache, reading only its first n slots, n the smallest
     window that holds all `kv_len` filled slots: windows every 1/8 of the cache up to half of it, then the whole
-    cache. A window's product runs elementwise, into which XLA fuses the slice, where a dot would first copy the
-    slice out; beyond half the cache the dot over everything is faster. Slots left out are masked anyway."""
+    cache, each one dot. Slots left out are masked anyway, so the result is the einsum path's over the window.
+    k and v may be stored in another dtype than q's: only the window is cast."""
     length = k.shape[2]
     eighth = -(-length // 8)
-    windows = list(range(eighth, length // 2 + 1, eighth))
-    if not windows:
-        return einsum_attention(q, k, v, mask, heads_first=True)
-    branches = [functools.partial(_elementwise_attention, slots=n) for n in windows]
-    branches.append(functools.partial(einsum_attention, heads_first=True))
-    choice = sum((kv_len > n).astype(jnp.int32) for n in windows)
+    windows = list(range(eighth, length // 2 + 1, eighth)) + [length]
+
+    def window(q, k, v, mask, slots):
+        k, v = (a[:, :, :slots].astype(q.dtype) for a in (k, v))
+        return einsum_attention(q, k, v, mask[..., :slots], heads_first=True)
+
+    if len(windows) == 1:
+        return window(q, k, v, mask, length)
+    branches = [functools.partial(window, slots=n) for n in windows]
+    choice = sum((kv_len > n).astype(jnp.int32) for n in windows[:-1])
     return jax.lax.switch(choice, branches, q, k, v, mask)
-
-
-def _elementwise_attention(q, k, v, mask, slots: int):
-    """One query row per sequence against the first `slots` of a heads-first cache, as multiply-and-sum fusions.
-    Products accumulate in fp32 and are rounded to the compute dtype where a dot's output would be."""
-    b, _, h, d = q.shape
-    kv_heads = k.shape[1]
-    k, v, mask = k[:, :, :slots], v[:, :, :slots], mask[:, 0, :slots]
-    q = q.reshape(b, kv_heads, h // kv_heads, 1, d).astype(jnp.float32)  # [b, g, r, 1, d]
-    scores = jnp.sum(q * k[:, :, None].astype(jnp.float32), axis=-1).astype(v.dtype)  # [b, g, r, slots]
-    scores = (scores / math.sqrt(d)).astype(jnp.float32)
-    scores = jnp.where(mask[:, None, None, :], scores, MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.sum(probs[..., None].astype(jnp.float32) * v[:, :, None].astype(jnp.float32), axis=3)
-    return out.astype(v.dtype).reshape(b, 1, h, d)
 
 
 def blockwise_attention(q, k, v, q_positions, kv_positions, kv_len, heads_first: bool, block: int, layer=None,
