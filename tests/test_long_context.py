@@ -156,7 +156,7 @@ def test_ops_route_long_attention_blockwise():
 def test_an_accelerator_reads_a_long_cache_through_windows_not_a_loop(backend):
     ops = select_ops(CONFIG, backend=backend)
     assert ops.cache_kernel == "windows" and ops.windows_max_keys == 0
-    keys = 64 * ops.attention_block  # Llama 3.1's 128k cache on a GPU: 128 blocks
+    keys = 64 * ops.attention_block  # 64 iterations of the loop; a 128k cache on a GPU would be 128
     decode_step = _runs(ops, 1, keys)
     assert "cond" in decode_step and "while" not in decode_step
     assert "while" in _runs(ops, 2, keys)  # a prompt chunk keeps the blockwise loop
