@@ -265,6 +265,12 @@ def test_generator_tokens_with_the_decode_windows():
     windows = Generator(params, CONFIG)
     windows.ops = dataclasses.replace(windows.ops, cache_kernel="windows", attention_block=BLOCK)
     assert windows.generate(prompts, max_new_tokens=40).tokens == reference.tokens
+    # Every choice a GPU makes, which CI can only run here: XLA's dots, the windows past one block, prompt chunks
+    # of 4 through the blockwise loop without a scores budget.
+    gpu = Generator(params, CONFIG, packed_weights=False, prefill_chunk=4)
+    gpu.ops = dataclasses.replace(select_ops(CONFIG, backend="gpu"), attention_block=BLOCK, windows_min_keys=BLOCK)
+    assert gpu.ops.dense_kernel == "xla" and gpu.ops.scores_budget == 0
+    assert gpu.generate(prompts, max_new_tokens=40).tokens == reference.tokens
 
 
 def test_prompt_bucket_leaves_room_for_the_new_tokens_within_max_seq_len():
