@@ -520,9 +520,13 @@ def main(argv=None) -> int:
     if not args.skip_time:
         time_table(args)
     if not args.skip_decode:
-        heads = SMALL["n_heads"]
-        decode_table([1024, 2048, 4096, 16384, 65536], args.rounds, heads=heads, kv_heads=heads,
-                     dim=SMALL["dim"] // heads, dtype="float32", block=512, where="this CPU")
+        from llama_jax.config import LlamaConfig
+        from llama_jax.kernels import select_ops
+
+        config = LlamaConfig(**SMALL)
+        decode_table([1024, 2048, 4096, 16384, 65536], args.rounds, heads=config.n_heads, kv_heads=config.kv_heads,
+                     dim=config.head_dim, dtype="float32", block=select_ops(config).attention_block,
+                     where="this CPU")
     return 0
 
 

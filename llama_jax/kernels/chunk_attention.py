@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Finite, as kernels.attention.MASKED: a query that sees no key gets the mean of the values it visited, not NaN.
-MASKED = -1e30
+from llama_jax.kernels.attention import MASKED  # finite: a query that sees no key gets a mean, not NaN
+
 # Queries and keys per block. 64 x 64 keeps a program's scores and output (head size 128, fp32) in registers.
 BLOCK_Q = 64
 BLOCK_K = 64
